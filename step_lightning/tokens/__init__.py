@@ -1,0 +1,1 @@
+"""dCTS / CTS token machinery: thresholds, layouts, supertoken embedding, policy, statistics."""

@@ -1,0 +1,79 @@
+"""Supertoken embedding: superpatches -> tokens with the ViT's own patch embedding (STEP eq. 1).
+
+A superpatch of s x s patches (16s x 16s px) is resized to 16 x 16 px with bilinear interpolation and
+embedded by the same 16x16/16 conv as ordinary patches. ``SupertokenEmbed`` does this for all
+superpatches at once with an image pyramid: level s is the whole image bilinearly downsampled by s
+(``antialias=False, align_corners=False``), patch-embedded; the token of an aligned window (i, j) of
+size s is the level-s embedding at (i, j).
+
+Why the pyramid equals the per-superpatch resize: with align_corners=False, output pixel u of a
+resize by factor s samples the source at x = s*(u + 0.5) - 0.5, i.e. between pixels floor(x) and
+floor(x)+1 with weight frac(x) (s = 1: x = u exactly; even s: frac = 1/2). For the 16x16 resize of a
+crop starting at pixel 16*s*i, u in [0, 15] gives x in [s/2 - 1/2, 16s - s/2 - 1/2] within the crop,
+so both neighbours lie inside the crop ([0, 16s - 1]) and PyTorch's border clamps never trigger. In
+the whole-image downsample, output pixel 16*i + u samples 16*s*i + s*(u + 0.5) - 0.5: the same two
+pixels with the same weight. Hence the two agree up to float rounding, with no border effect for any
+s in 1, 2, 4, 8, 16 (tests/test_tokens_embed.py checks it against the literal crop-resize-conv).
+
+Position embedding (our choice; the paper is silent): a supertoken gets the mean of the ViT's
+position-embedding grid over the cells it covers, i.e. avg_pool2d(pos_grid, s) at the window,
+added per pyramid level before the gather. It reduces to the ordinary position embedding for 1x1
+tokens and needs no new parameters.
+
+Cost (our choice: always compute every level that fits the grid, no host sync to find which sizes
+are present): levels 2..16 add 1/4 + 1/16 + 1/64 + 1/256 = 0.33x the patch-embedding FLOPs of level 1,
+which is itself negligible next to the ViT blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from step_lightning.tokens.layout import TOKEN_SIZES, TokenLayout
+
+
+class SupertokenEmbed(nn.Module):
+    """Parameter-free: the encoder's modules are passed at call time so they are not registered
+    twice in the model's state dict.
+
+    forward(images [B, 3, 16*Hp, 16*Wp], layout, proj, pos_grid [1, C, Hp, Wp]) -> tokens [B, N, C]
+    ``proj`` is the encoder's 16x16 stride-16 Conv2d (``encoder.patch_embed.proj``), ``pos_grid``
+    comes from ``encoder.pos_embed_grid(Hp, Wp)``. Padding tokens are zero vectors.
+    """
+
+    def forward(self, images: Tensor, layout: TokenLayout, proj: nn.Conv2d, pos_grid: Tensor) -> Tensor:
+        hp, wp = layout.grid
+        h, w = images.shape[-2:]
+        if (h, w) != (16 * hp, 16 * wp):
+            raise ValueError(f"images are {h}x{w} px but the layout grid {hp}x{wp} needs {16 * hp}x{16 * wp}")
+        levels, widths, offsets = [], [], []
+        offset = 0
+        for s in TOKEN_SIZES:
+            if hp // s == 0 or wp // s == 0:
+                # No window of this size fits, so no token can use the level; keep the tables aligned.
+                widths.append(1)
+                offsets.append(0)
+                continue
+            level = (
+                images
+                if s == 1
+                else F.interpolate(images, size=(h // s, w // s), mode="bilinear", align_corners=False, antialias=False)
+            )
+            pos = pos_grid if s == 1 else F.avg_pool2d(pos_grid, s)
+            levels.append((proj(level) + pos).flatten(2))
+            widths.append(wp // s)
+            offsets.append(offset)
+            offset += (hp // s) * (wp // s)
+        feats = torch.cat(levels, 2)  # [B, C, sum of level sizes]
+
+        # Level of each token from its size (padding, size 0, reads level 0 and is zeroed below).
+        size = layout.token_size.clamp(min=1)
+        level_idx = torch.log2(size.float()).long()
+        width = torch.tensor(widths, device=size.device)[level_idx]
+        start = torch.tensor(offsets, device=size.device)[level_idx]
+        row, col = layout.token_pos.unbind(-1)
+        index = start + (row // size) * width + col // size  # [B, N]
+        tokens = feats.gather(2, index.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)
+        return tokens * layout.valid.unsqueeze(-1)
