@@ -1,0 +1,78 @@
+"""Shared LightningDataModule behaviour: global batch size, loaders, dataset metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+IGNORE_INDEX = 255
+
+
+class ConfigError(ValueError):
+    """A configuration or input mistake the user must fix; the message says how."""
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int) -> int:
+    if global_batch_size % world_size:
+        raise ConfigError(
+            f"data.batch_size={global_batch_size} is the global batch and must be divisible by the "
+            f"{world_size} devices in use; pick a multiple of {world_size}."
+        )
+    return global_batch_size // world_size
+
+
+class SegDataModule(L.LightningDataModule):
+    """Base for every segmentation datamodule.
+
+    Batches are dicts: ``image`` float [B, 3, H, W] (normalised), ``label`` int64 [B, H, W] with
+    255 = ignore. Validation/test labels may be at the original image resolution while the image is
+    resized for the model; the evaluation code resizes logits back to the label size.
+    ``batch_size`` is the global batch: each device loads ``batch_size / world_size``.
+    """
+
+    num_classes: int
+    class_names: Sequence[str]
+    palette: Sequence[Sequence[int]]
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # A seeded generator makes the shuffle order reproducible; Lightning's distributed sampler
+        # replaces the sampler under DDP and seeds it from the global seed.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "setup('fit') must run first"
+        return self._loader(self.train_set, per_device_batch_size(self.batch_size, self._world_size()), True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "setup() must run first"
+        return self._loader(self.val_set, self.val_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

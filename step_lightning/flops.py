@@ -1,0 +1,105 @@
+"""GFLOPs of a segmenter with fvcore (one multiply-add = one FLOP, attention matmuls included).
+
+    python -m step_lightning.flops backbone=vit_b num_classes=150 resolution=512
+
+fvcore cannot see inside fused ``scaled_dot_product_attention``; the handle below counts its two
+matmuls (Q K^T and attention x V) so numbers are comparable with the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from fvcore.nn import FlopCountAnalysis
+from omegaconf import DictConfig, OmegaConf
+
+from step_lightning.config import register_resolvers
+
+
+def _shape(value) -> list[int]:
+    return value.type().sizes()
+
+
+def sdpa_flop_handle(inputs, outputs) -> int:
+    q, k, v = (_shape(x) for x in inputs[:3])
+    batch_heads = math.prod(q[:-2])
+    return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def native_mha_flop_handle(inputs, outputs) -> int:
+    """nn.MultiheadAttention's fused inference kernel: in-projections, two attention matmuls, out-projection."""
+    query, key = _shape(inputs[0]), _shape(inputs[1])
+    batch, length, dim = query
+    source = key[1]
+    projections = batch * (length + 2 * source) * dim * dim + batch * length * dim * dim
+    return projections + 2 * batch * length * source * dim
+
+
+EXTRA_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_flop_handle,
+    "aten::_native_multi_head_attention": native_mha_flop_handle,
+}
+
+
+class _ForwardForFlops(torch.nn.Module):
+    """Traces the full forward; returns the final output's tensors (fvcore needs tensor outputs)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        final = self.model(images).outputs[-1]
+        return final["class_logits"], final["mask_logits"]
+
+
+@torch.no_grad()
+def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> dict:
+    """GFLOPs of one forward at batch 1, total and by top-level module, on the given image [1,3,H,W]."""
+    was_training = model.training
+    model.eval()
+    try:
+        analysis = FlopCountAnalysis(_ForwardForFlops(model), (image,)).set_op_handle(**EXTRA_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        total = analysis.total() / 1e9
+        by_module = {k.removeprefix("model."): v / 1e9 for k, v in analysis.by_module().items()
+                     if k.count(".") == 1 and k.startswith("model.")}
+        return {"gflops": total, "by_module": by_module, "unsupported": dict(analysis.unsupported_ops())}
+    finally:
+        model.train(was_training)
+
+
+def mean_gflops(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Average batch-1 GFLOPs over images [N,3,H,W] (token counts, hence FLOPs, vary per image)."""
+    return sum(count_gflops(model, img[None])["gflops"] for img in images) / len(images)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
+def main(cfg: DictConfig) -> float:
+    from step_lightning.config import check_config
+    from step_lightning.models.factory import build_model
+
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, cfg.num_classes)
+    image = torch.randn(1, 3, cfg.resolution, cfg.resolution)
+    result = count_gflops(model, image)
+    rows = [("total", result["gflops"])] + sorted(result["by_module"].items())
+    print(f"{cfg.backbone.name} {cfg.resolution}x{cfg.resolution} classes={cfg.num_classes} method={cfg.method}")
+    print(f"{'module':<24}{'GFLOPs':>10}")
+    for name, value in rows:
+        print(f"{name:<24}{value:>10.2f}")
+    out = Path(cfg.paths.output_dir) / "flops.json"
+    out.write_text(json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    print(f"json: {out}")
+    print(f"gflops={result['gflops']:.2f}")
+    return result["gflops"]
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()

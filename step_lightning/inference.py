@@ -1,0 +1,71 @@
+"""Whole-image and sliding-window inference returning class scores at a requested output size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from step_lightning.models.vit import PATCH_SIZE
+
+
+def pad_to_patch_multiple(images: torch.Tensor) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    return F.pad(images, (0, -w % PATCH_SIZE, 0, -h % PATCH_SIZE))
+
+
+def predict_padded(model, images: torch.Tensor):
+    """Scores [B, K, H, W] for any H, W (zero-pad to a multiple of 16, 0 = the normalised mean, crop back)
+    and the model's forward output."""
+    h, w = images.shape[-2:]
+    scores, out = model.predict(pad_to_patch_multiple(images))
+    return scores[..., :h, :w], out
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg's window grid along one axis; the last window is clamped to the image."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride, size - crop), 0) for i in range(count)})
+
+
+@torch.no_grad()
+def slide_inference(model, images: torch.Tensor, crop: int, stride: int, batch_windows: int = 8):
+    """Average the scores of square crop x crop windows (mmseg 'slide'); windows run in batches.
+    Returns the scores and the model outputs of every window batch."""
+    if stride <= 0 or stride > crop:
+        raise ValueError(f"slide stride {stride} must be in 1..crop ({crop})")
+    b, _, h, w = images.shape
+    boxes = [(y, x) for y in window_starts(h, crop, stride) for x in window_starts(w, crop, stride)]
+    scores = counts = None
+    outs = []
+    for i in range(0, len(boxes), batch_windows):
+        chunk = boxes[i : i + batch_windows]
+        crops = torch.cat([images[..., y : y + crop, x : x + crop] for y, x in chunk])
+        out, model_out = predict_padded(model, crops)
+        outs.append(model_out)
+        out = out.unflatten(0, (len(chunk), b))
+        if scores is None:
+            scores = images.new_zeros(b, out.shape[2], h, w)
+            counts = images.new_zeros(1, 1, h, w)
+        for (y, x), window_scores in zip(chunk, out, strict=True):
+            wh, ww = window_scores.shape[-2:]
+            scores[..., y : y + wh, x : x + ww] += window_scores
+            counts[..., y : y + wh, x : x + ww] += 1
+    return scores / counts, outs
+
+
+@torch.no_grad()
+def infer(
+    model, images: torch.Tensor, out_size: tuple[int, int], mode: str = "whole", crop: int = 512, stride: int = 341
+):
+    """Class scores [B, K, *out_size], resized bilinearly to the label's resolution, and the list of model
+    outputs of the forwards that produced them (one per window batch in 'slide' mode)."""
+    if mode == "whole":
+        scores, out = predict_padded(model, images)
+        outs = [out]
+    elif mode == "slide":
+        scores, outs = slide_inference(model, images, crop, stride)
+    else:
+        raise ValueError(f"unknown inference mode '{mode}': use 'whole' or 'slide'")
+    if tuple(scores.shape[-2:]) != tuple(out_size):
+        scores = F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)
+    return scores, outs

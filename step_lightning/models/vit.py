@@ -1,0 +1,144 @@
+"""Plain ViT/16 encoder (timm definitions) without class token, exposing its blocks and tapped layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from step_lightning.data.base import ConfigError
+
+PATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    taps: tuple[int, ...]  # 1-indexed layers whose outputs feed the SegViT head
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vit_t": BackboneSpec("vit_tiny_patch16_224", 192, 12, 3, (6, 8, 12)),
+    "vit_s": BackboneSpec("vit_small_patch16_224", 384, 12, 6, (6, 8, 12)),
+    "vit_b": BackboneSpec("vit_base_patch16_224", 768, 12, 12, (6, 8, 12)),
+    "vit_l": BackboneSpec("vit_large_patch16_224", 1024, 24, 16, (8, 16, 24)),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {sorted(BACKBONES)} (e.g. backbone=vit_b).")
+    return BACKBONES[name]
+
+
+def key_mask_to_attn_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, N] bool (True = real token) -> [B, 1, 1, N] mask for scaled_dot_product_attention."""
+    return None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+
+
+class ViTEncoder(nn.Module):
+    """timm VisionTransformer blocks driven by our own forward so tokens can be any set of (super)patches.
+
+    No class token and no final norm (SegViT taps raw block outputs). The position embedding is stored for
+    the pretraining grid and resized bicubically to the input grid on use.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_b",
+        img_size: int = 512,
+        drop_path_rate: float = 0.1,
+        pretrained: str | None = None,
+        depth: int | None = None,
+    ):
+        super().__init__()
+        spec = backbone_spec(name)
+        self.name = name
+        self.depth = depth or spec.depth
+        if not 1 <= self.depth <= spec.depth:
+            raise ConfigError(f"backbone.depth={depth} must be within 1..{spec.depth} for {name}.")
+        vit = timm.create_model(
+            spec.timm_name,
+            pretrained=False,
+            num_classes=0,
+            class_token=False,
+            global_pool="avg",
+            img_size=img_size,
+            depth=self.depth,
+            drop_path_rate=drop_path_rate,
+        )
+        self.embed_dim = spec.embed_dim
+        self.num_heads = spec.num_heads
+        self.patch_embed = vit.patch_embed
+        self.pos_embed = vit.pos_embed  # [1, Hp0*Wp0, C]
+        self.pos_grid_size = vit.patch_embed.grid_size
+        self.blocks = vit.blocks
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a local timm/augreg ViT checkpoint (.pth/.bin/.safetensors or .npz); never downloads."""
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(
+                f"backbone.pretrained={path} does not exist; give the path of a local timm ViT checkpoint "
+                "or backbone.pretrained=null to train from scratch."
+            )
+        if file.suffix == ".npz":
+            # timm's own loader understands the original augreg .npz layout.
+            vit = timm.create_model(BACKBONES[self.name].timm_name, pretrained=False, num_classes=0)
+            vit.load_pretrained(str(file))
+            state = vit.state_dict()
+        elif file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+        pos = state["pos_embed"]
+        side = int(round((pos.shape[1]) ** 0.5))
+        if side * side != pos.shape[1]:
+            pos = pos[:, 1:]  # drop the class-token slot
+            side = int(round(pos.shape[1] ** 0.5))
+        grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        state["pos_embed"] = (
+            F.interpolate(grid, size=self.pos_grid_size, mode="bicubic", align_corners=False)
+            .flatten(2)
+            .transpose(1, 2)
+        )
+        own = {k: v for k, v in state.items() if k.startswith(("patch_embed.", "blocks.", "pos_embed"))}
+        own = {k: v for k, v in own.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < self.depth}
+        missing, _ = self.load_state_dict(own, strict=False)
+        if missing:
+            raise ConfigError(f"checkpoint {path} lacks {len(missing)} encoder tensors (e.g. {missing[0]}); "
+                              f"is it a {self.name} ViT/16 checkpoint?")
+
+    def pos_embed_grid(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embedding resized (bicubic, as SegViT) to a grid_h x grid_w token grid: [1, C, Hp, Wp]."""
+        pos = self.pos_embed.reshape(1, *self.pos_grid_size, -1).permute(0, 3, 1, 2)
+        if (grid_h, grid_w) == tuple(self.pos_grid_size):
+            return pos
+        return F.interpolate(pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Regular 16x16 patch tokens with position embedding: [B, Hp*Wp, C]."""
+        feats = self.patch_embed.proj(images)  # [B, C, Hp, Wp]
+        feats = feats + self.pos_embed_grid(*feats.shape[-2:])
+        return feats.flatten(2).transpose(1, 2)
+
+    def forward_blocks(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Run blocks[start:end] (0-indexed, end exclusive) on tokens x [B, N, C]."""
+        attn_mask = key_mask_to_attn_mask(key_padding_mask)
+        for block in self.blocks[start:end]:
+            x = block(x, attn_mask=attn_mask)
+        return x

@@ -1,0 +1,44 @@
+"""Small shared helpers: atomic file writes and JSON-friendly conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def to_jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None  # NaN is not valid JSON
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False))
