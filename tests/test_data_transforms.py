@@ -1,0 +1,204 @@
+"""The mmseg training/eval pipelines against their definitions."""
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from step_lightning.data.transforms import (
+    CatMaxRatioCrop,
+    EvalTransform,
+    PhotoMetricDistortion,
+    RandomRescale,
+    TrainTransform,
+    photometric_distortion,
+    rescale_size,
+)
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def block_label(height: int, width: int, block: int = 12, classes: int = 6, seed: int = 0) -> np.ndarray:
+    """Blocks of random classes, so that crops mix classes and alignment errors show."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, classes, (-(-height // block), -(-width // block)), dtype=np.uint8)
+    return np.kron(small, np.ones((block, block), np.uint8))[:height, :width]
+
+
+def assert_aligned(image_channel: np.ndarray, label: np.ndarray, scale: int) -> int:
+    """Where the label is constant over a 5x5 window, the image (label*scale before any resize) agrees.
+
+    Pixels within 2 of the border are skipped: a class edge just outside a crop can blend into them.
+    """
+    windows = sliding_window_view(np.pad(label, 2, constant_values=254), (5, 5))
+    interior = windows.min(axis=(-1, -2)) == windows.max(axis=(-1, -2))
+    interior &= label != 255
+    np.testing.assert_array_equal(image_channel[interior], label[interior].astype(int) * scale)
+    return int(interior.sum())  # pixels checked
+
+
+def test_rescale_size_matches_mmcv_imrescale():
+    assert rescale_size(683, 512, (2048, 512)) == (683, 512)
+    assert rescale_size(683, 512, (1024, 256)) == (342, 256)  # int(341.5 + 0.5)
+    assert rescale_size(4000, 500, (2048, 512)) == (2048, 256)  # long side binds
+    assert rescale_size(2048, 1024, (4096, 2048)) == (4096, 2048)
+    assert rescale_size(500, 364, (2048, 512)) == (703, 512)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0, 1.75])
+def test_random_rescale_size_and_label_nearest(ratio):
+    label = block_label(60, 90)
+    image = np.repeat(label[..., None] * 40, 3, axis=-1)
+    out = A.Compose([RandomRescale((200, 80), (ratio, ratio))], seed=0)(image=image, mask=label)
+    width, height = rescale_size(90, 60, (int(200 * ratio), int(80 * ratio)))
+    assert out["image"].shape == (height, width, 3) and out["mask"].shape == (height, width)
+    assert set(np.unique(out["mask"])) <= set(np.unique(label))  # nearest: no new values
+    assert assert_aligned(out["image"][..., 0], out["mask"], 40) > 0.1 * out["mask"].size
+
+
+def test_random_rescale_ratio_is_drawn_in_range():
+    t = A.Compose([RandomRescale((2048, 512), (0.5, 2.0))], seed=3)
+    label = np.zeros((512, 512), np.uint8)
+    sides = {t(image=np.zeros((512, 512, 3), np.uint8), mask=label)["mask"].shape[0] for _ in range(40)}
+    assert min(sides) >= 256 and max(sides) <= 1024 and len(sides) > 20
+
+
+def crop_with_count(label: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, int]:
+    crop = CatMaxRatioCrop(size)
+    calls = []
+    draw = crop._random_box
+    crop._random_box = lambda h, w: calls.append(1) or draw(h, w)
+    out = A.Compose([crop], seed=seed)(image=np.zeros((*label.shape, 3), np.uint8), mask=label)
+    return out["mask"], len(calls)
+
+
+def test_cat_max_ratio_acceptance_rule():
+    crop = CatMaxRatioCrop(4)
+    assert not crop.acceptable(np.array([0, 0, 0, 1], np.uint8))  # 0.75 is not < 0.75
+    assert crop.acceptable(np.array([0, 0, 1, 1], np.uint8))
+    assert crop.acceptable(np.array([0, 0, 1, 255, 255, 255], np.uint8))  # ignore pixels do not count
+    assert not crop.acceptable(np.array([3, 255, 255], np.uint8))  # a single class is never accepted
+    assert not crop.acceptable(np.full(4, 255, np.uint8))
+
+
+def test_cat_max_ratio_retries_ten_times_then_keeps_last():
+    _, calls = crop_with_count(np.zeros((40, 40), np.uint8), 16, seed=0)
+    assert calls == 11  # first draw + 10 retries (mmseg)
+    _, calls = crop_with_count(block_label(40, 40, block=2), 16, seed=0)
+    assert calls == 1
+
+
+def test_cat_max_ratio_retries_raise_the_share_of_balanced_crops():
+    # Columns 0..49 class 0, 50..99 class 1: a 32-wide crop at x is balanced enough (max share < 0.75)
+    # for x in 27..41, i.e. 15 of the 69 positions (22 %); 11 draws make it 1 - 0.78**11 = 93 %.
+    label = np.zeros((32, 100), np.uint8)
+    label[:, 50:] = 1
+    crop = CatMaxRatioCrop(32)
+    accepted = [crop.acceptable(crop_with_count(label, 32, seed)[0]) for seed in range(200)]
+    assert 0.86 < np.mean(accepted) < 0.98
+
+
+def test_crop_of_small_image_keeps_it_whole():
+    label = block_label(10, 20)
+    out, _ = crop_with_count(label, 32, seed=0)
+    np.testing.assert_array_equal(out, label)
+
+
+def test_photometric_brightness_and_contrast_follow_mmseg_convert():
+    img = np.array([[[3, 100, 250]]], np.uint8)
+    np.testing.assert_array_equal(photometric_distortion(img, -5.5, None, True, None, None), [[[0, 94, 244]]])
+    np.testing.assert_array_equal(photometric_distortion(img, 10.7, None, True, None, None), [[[13, 110, 255]]])
+    np.testing.assert_array_equal(photometric_distortion(img, None, 1.5, True, None, None), [[[4, 150, 255]]])
+
+
+def test_photometric_hue_in_opencv_units():
+    red = np.array([[[255, 0, 0]]], np.uint8)
+    np.testing.assert_array_equal(photometric_distortion(red, None, None, True, None, 60), [[[0, 255, 0]]])
+    shifted = photometric_distortion(red, None, None, True, None, -18)
+    assert cv2.cvtColor(shifted, cv2.COLOR_RGB2HSV)[0, 0, 0] == 162  # wraps modulo 180
+
+
+def test_photometric_saturation_scales_hsv_s():
+    img = np.array([[[200, 100, 100]]], np.uint8)
+    s_before = int(cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[0, 0, 1])
+    out = photometric_distortion(img, None, None, True, 0.5, None)
+    assert abs(int(cv2.cvtColor(out, cv2.COLOR_RGB2HSV)[0, 0, 1]) - s_before // 2) <= 1
+
+
+def test_photometric_contrast_position():
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    first = photometric_distortion(img, None, 1.4, True, 0.6, None)
+    last = photometric_distortion(img, None, 1.4, False, 0.6, None)
+    np.testing.assert_array_equal(
+        first,
+        photometric_distortion(photometric_distortion(img, None, 1.4, True, None, None), None, None, True, 0.6, None),
+    )
+    np.testing.assert_array_equal(
+        last,
+        photometric_distortion(photometric_distortion(img, None, None, True, 0.6, None), None, 1.4, True, None, None),
+    )
+    assert not np.array_equal(first, last)
+
+
+def test_photometric_draws_each_step_half_the_time_within_ranges():
+    t = PhotoMetricDistortion()
+    t.set_random_seed(0)
+    draws = [t.get_params() for _ in range(4000)]
+    for key in ("brightness", "contrast", "saturation", "hue"):
+        assert 0.46 < np.mean([d[key] is not None for d in draws]) < 0.54
+    assert 0.46 < np.mean([d["contrast_first"] for d in draws]) < 0.54
+    values = {k: np.array([d[k] for d in draws if d[k] is not None]) for k in ("brightness", "contrast", "hue")}
+    assert values["brightness"].min() >= -32 and values["brightness"].max() <= 32
+    assert values["contrast"].min() >= 0.5 and values["contrast"].max() <= 1.5
+    assert set(values["hue"].tolist()) == set(range(-18, 18))  # numpy randint(-18, 18), as mmseg
+
+
+def test_train_transform_output_and_padding():
+    label = block_label(30, 50)
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    # base scale (50, 30) with ratio 1 keeps the 50x30 image, smaller than the 64 crop: it gets padded.
+    t = TrainTransform(64, MEAN, STD, scale_range=(1.0, 1.0), base_scale=(50, 30), seed=1)
+    for _ in range(4):
+        out_image, out_label = t(image, label)
+        assert out_image.shape == (64, 64, 3) and out_image.dtype == np.float32
+        assert out_label.shape == (64, 64) and out_label.dtype == np.uint8
+        assert (out_image[30:] == 0).all() and (out_image[:, 50:] == 0).all()
+        assert (out_label[30:] == 255).all() and (out_label[:, 50:] == 255).all()
+        top_left = out_label[:30, :50]
+        assert np.array_equal(top_left, label) or np.array_equal(top_left, label[:, ::-1])
+
+
+def test_train_geometry_keeps_image_and_label_aligned():
+    label = block_label(120, 160, block=16, seed=2)
+    image = np.repeat(label[..., None] * 40, 3, axis=-1)
+    t = TrainTransform(64, (0, 0, 0), (1, 1, 1), base_scale=(160, 64), seed=0)
+    t.compose = A.Compose([tr for tr in t.compose if not isinstance(tr, PhotoMetricDistortion)], seed=5)
+    flipped = checked = 0
+    for _ in range(20):
+        out_image, out_label = t(image, label)
+        assert out_image.shape == (64, 64, 3) and out_label.shape == (64, 64)
+        checked += assert_aligned(np.rint(out_image[..., 0]).astype(int), out_label, 40)
+        flipped += t.compose.transforms[2].params != {}
+    assert 0 < flipped < 20  # both flipped and unflipped samples were checked
+    assert checked > 0.2 * 20 * 64 * 64
+
+
+def test_train_transform_is_reproducible_and_reseedable():
+    label = block_label(80, 100)
+    image = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    a, b = TrainTransform(32, MEAN, STD, seed=4), TrainTransform(32, MEAN, STD, seed=4)
+    np.testing.assert_array_equal(a(image, label)[0], b(image, label)[0])
+    a.reseed(0), b.reseed(1)
+    assert not np.array_equal(a(image, label)[0], b(image, label)[0])
+
+
+def test_eval_transform_resizes_short_side_and_keeps_label():
+    label = block_label(364, 500)
+    image = np.full((364, 500, 3), 150, np.uint8)
+    out_image, out_label = EvalTransform(512, MEAN, STD)(image, label)
+    assert out_image.shape == (512, 703, 3) and out_image.dtype == np.float32
+    np.testing.assert_allclose(out_image[0, 0], (150 - np.array(MEAN)) / np.array(STD), rtol=1e-5)
+    assert out_label is label
+    tall, _ = EvalTransform(512, MEAN, STD)(np.zeros((1000, 300, 3), np.uint8), label)
+    assert tall.shape == (1707, 512, 3)
