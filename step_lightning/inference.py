@@ -13,11 +13,14 @@ def pad_to_patch_multiple(images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (0, -w % PATCH_SIZE, 0, -h % PATCH_SIZE))
 
 
-def predict_padded(model, images: torch.Tensor):
+def predict_padded(model, images: torch.Tensor, labels: torch.Tensor | None = None):
     """Scores [B, K, H, W] for any H, W (zero-pad to a multiple of 16, 0 = the normalised mean, crop back)
-    and the model's forward output."""
+    and the model's forward output. ``labels`` (aligned with ``images``) are for the oracle policy only;
+    they are padded with ignore."""
     h, w = images.shape[-2:]
-    scores, out = model.predict(pad_to_patch_multiple(images))
+    if labels is not None:
+        labels = F.pad(labels, (0, -w % PATCH_SIZE, 0, -h % PATCH_SIZE), value=255)
+    scores, out = model.predict(pad_to_patch_multiple(images), labels)
     return scores[..., :h, :w], out
 
 
@@ -28,7 +31,9 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def slide_inference(model, images: torch.Tensor, crop: int, stride: int, batch_windows: int = 8):
+def slide_inference(
+    model, images: torch.Tensor, crop: int, stride: int, labels: torch.Tensor | None = None, batch_windows: int = 8
+):
     """Average the scores of square crop x crop windows (mmseg 'slide'); windows run in batches.
     Returns the scores and the model outputs of every window batch."""
     if stride <= 0 or stride > crop:
@@ -40,7 +45,8 @@ def slide_inference(model, images: torch.Tensor, crop: int, stride: int, batch_w
     for i in range(0, len(boxes), batch_windows):
         chunk = boxes[i : i + batch_windows]
         crops = torch.cat([images[..., y : y + crop, x : x + crop] for y, x in chunk])
-        out, model_out = predict_padded(model, crops)
+        label_crops = None if labels is None else torch.cat([labels[..., y : y + crop, x : x + crop] for y, x in chunk])
+        out, model_out = predict_padded(model, crops, label_crops)
         outs.append(model_out)
         out = out.unflatten(0, (len(chunk), b))
         if scores is None:
@@ -55,15 +61,24 @@ def slide_inference(model, images: torch.Tensor, crop: int, stride: int, batch_w
 
 @torch.no_grad()
 def infer(
-    model, images: torch.Tensor, out_size: tuple[int, int], mode: str = "whole", crop: int = 512, stride: int = 341
+    model,
+    images: torch.Tensor,
+    out_size: tuple[int, int],
+    mode: str = "whole",
+    crop: int = 512,
+    stride: int = 341,
+    labels: torch.Tensor | None = None,
 ):
     """Class scores [B, K, *out_size], resized bilinearly to the label's resolution, and the list of model
-    outputs of the forwards that produced them (one per window batch in 'slide' mode)."""
+    outputs of the forwards that produced them (one per window batch in 'slide' mode).
+    ``labels`` feed the oracle policy only; they are resized (nearest) to the image if needed."""
+    if labels is not None and labels.shape[-2:] != images.shape[-2:]:
+        labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
     if mode == "whole":
-        scores, out = predict_padded(model, images)
+        scores, out = predict_padded(model, images, labels)
         outs = [out]
     elif mode == "slide":
-        scores, outs = slide_inference(model, images, crop, stride)
+        scores, outs = slide_inference(model, images, crop, stride, labels)
     else:
         raise ValueError(f"unknown inference mode '{mode}': use 'whole' or 'slide'")
     if tuple(scores.shape[-2:]) != tuple(out_size):

@@ -27,7 +27,7 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
-    model = build_model(cfg, datamodule.num_classes)
+    model = build_model(cfg, datamodule.num_classes, datamodule.ignore_index)
     return SegmentationModule(
         model,
         num_classes=datamodule.num_classes,

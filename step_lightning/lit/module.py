@@ -58,7 +58,7 @@ class SegmentationModule(L.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["image"])
+        out = self.model(batch["image"], batch["label"])  # labels reach only an oracle policy
         losses = self.criterion(out.outputs, batch["label"])
         bs = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=bs)
@@ -69,7 +69,8 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
         hp = self.hparams
-        scores, outs = infer(self.model, images, tuple(labels.shape[-2:]), hp.eval_mode, hp.eval_crop, hp.eval_stride)
+        scores, outs = infer(self.model, images, tuple(labels.shape[-2:]), hp.eval_mode, hp.eval_crop, hp.eval_stride,
+                             labels=labels)
         self.val_metrics.update(scores.argmax(1), labels)
         self.val_tokens.extend(out.tokens for out in outs)
 
