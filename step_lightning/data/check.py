@@ -94,8 +94,8 @@ def run_check(dm: FolderSegDataModule, splits: list[str], threads: int = 8) -> b
     return True
 
 
-@hydra.main(config_path="../../conf", config_name="check", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def check_from_config(cfg: DictConfig) -> int:
+    """Exit status for a composed check config: 0 ok, 1 problems found, 2 the datamodule cannot be built."""
     register_resolvers()
     with open_dict(cfg):  # the checker neither augments nor normalises: drop the backbone statistics
         for key in ("mean", "std"):
@@ -105,10 +105,14 @@ def main(cfg: DictConfig) -> None:
         dm = instantiate(cfg.data)
     except InstantiationException as err:
         print(f"cannot build data={cfg.data.name}: {err.__cause__ or err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     splits = [cfg.data.split] if cfg.data.get("split") else [dm.train_split, dm.val_split]
-    if not run_check(dm, splits, int(cfg.threads)):
-        sys.exit(1)
+    return 0 if run_check(dm, splits, int(cfg.threads)) else 1
+
+
+@hydra.main(config_path="../../conf", config_name="check", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sys.exit(check_from_config(cfg))
 
 
 if __name__ == "__main__":

@@ -108,9 +108,10 @@ def check_root(root: Path, layout: Layout) -> None:
         return
     found = suggest_root(root, markers)
     fix = f"Found it at {found}: set data.root={found}." if found else "Point data.root at that folder."
+    missing = ", ".join(m for m in markers if not (root / m).is_dir())
     raise ConfigError(
-        f"data.root={root} does not hold the {layout.dataset} layout: {expected} (folders {', '.join(markers)} "
-        f"are missing). {fix} {layout.hint}".rstrip()
+        f"data.root={root} does not hold the {layout.dataset} layout: {expected} (missing: {missing}). "
+        f"{fix} {layout.hint}".rstrip()
     )
 
 
