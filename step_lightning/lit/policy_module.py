@@ -111,6 +111,8 @@ class PolicyModule(L.LightningModule):
         bs = images.shape[0]
         self.log("val/loss", losses["loss"], batch_size=bs, sync_dist=True)
         for s in self.sizes:
+            if targets[s].numel() == 0:  # no whole window of this size fits the image (a shape, no sync)
+                continue
             metrics = self.val_metrics[str(s)]
             metrics.update(logits[s].sigmoid().flatten(), targets[s].flatten().long())
             self.log_dict(metrics, batch_size=bs)

@@ -22,7 +22,9 @@ tokens and needs no new parameters.
 
 Cost (our choice: always compute every level that fits the grid, no host sync to find which sizes
 are present): levels 2..16 add 1/4 + 1/16 + 1/64 + 1/256 = 0.33x the patch-embedding FLOPs of level 1,
-which is itself negligible next to the ViT blocks.
+which is itself negligible next to the ViT blocks. Measured on an H100 (bf16, ViT-B's 768-ch conv,
+8 images of 512x512): plain patch embedding 0.6 ms, this pyramid embedding 1.9 ms (launch-bound
+small kernels), a ViT-B forward 7.9 ms; skipping absent levels would need a host sync per batch.
 """
 
 from __future__ import annotations
