@@ -50,13 +50,10 @@ class SupertokenEmbed(nn.Module):
         h, w = images.shape[-2:]
         if (h, w) != (16 * hp, 16 * wp):
             raise ValueError(f"images are {h}x{w} px but the layout grid {hp}x{wp} needs {16 * hp}x{16 * wp}")
-        levels, widths, offsets = [], [], []
-        offset = 0
+        levels, counts = [], []
         for s in TOKEN_SIZES:
-            if hp // s == 0 or wp // s == 0:
-                # No window of this size fits, so no token can use the level; keep the tables aligned.
-                widths.append(1)
-                offsets.append(0)
+            if hp // s == 0 or wp // s == 0:  # no window of this size fits: no token can use the level
+                counts.append(0)
                 continue
             level = (
                 images
@@ -65,17 +62,15 @@ class SupertokenEmbed(nn.Module):
             )
             pos = pos_grid if s == 1 else F.avg_pool2d(pos_grid, s)
             levels.append((proj(level) + pos).flatten(2))
-            widths.append(wp // s)
-            offsets.append(offset)
-            offset += (hp // s) * (wp // s)
-        feats = torch.cat(levels, 2)  # [B, C, sum of level sizes]
+            counts.append((hp // s) * (wp // s))
+        feats = torch.cat(levels, 2)  # [B, C, sum of level sizes], levels in TOKEN_SIZES order
 
-        # Level of each token from its size (padding, size 0, reads level 0 and is zeroed below).
+        # Index of each token in feats, with Python scalars only (a lookup tensor built from a list
+        # would be a blocking host-to-device copy). Padding (size 0) reads entry 0 and is zeroed below.
         size = layout.token_size.clamp(min=1)
-        level_idx = torch.log2(size.float()).long()
-        width = torch.tensor(widths, device=size.device)[level_idx]
-        start = torch.tensor(offsets, device=size.device)[level_idx]
         row, col = layout.token_pos.unbind(-1)
-        index = start + (row // size) * width + col // size  # [B, N]
+        index = (row // size) * (wp // size) + col // size
+        for s, count in zip(TOKEN_SIZES, counts, strict=True):
+            index = index + (size > s) * count  # skip the levels before the token's own
         tokens = feats.gather(2, index.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)
         return tokens * layout.valid.unsqueeze(-1)

@@ -58,8 +58,7 @@ class TokenLayout:
     @property
     def counts_per_size(self) -> Tensor:
         """int64 [B, 5]: tokens of size 1, 2, 4, 8, 16 per image (columns follow TOKEN_SIZES)."""
-        sizes = torch.tensor(TOKEN_SIZES, device=self.token_size.device)
-        return (self.token_size.unsqueeze(-1) == sizes).sum(1)
+        return torch.stack([(self.token_size == s).sum(1) for s in TOKEN_SIZES], 1)
 
     def to(self, device: torch.device | str) -> TokenLayout:
         return TokenLayout(
