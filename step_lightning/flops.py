@@ -52,18 +52,20 @@ class _ForwardForFlops(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor):
-        final = self.model(images).outputs[-1]
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        final = self.model(images, labels).outputs[-1]
         return final["class_logits"], final["mask_logits"]
 
 
 @torch.no_grad()
-def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> dict:
-    """GFLOPs of one forward at batch 1, total and by top-level module, on the given image [1,3,H,W]."""
+def count_gflops(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor | None = None) -> dict:
+    """GFLOPs of one forward at batch 1, total and by top-level module, on the given image [1,3,H,W]
+    (``label`` [1,H,W] only feeds an oracle policy)."""
     was_training = model.training
     model.eval()
     try:
-        analysis = FlopCountAnalysis(_ForwardForFlops(model), (image,)).set_op_handle(**EXTRA_HANDLES)
+        inputs = (image,) if label is None else (image, label)
+        analysis = FlopCountAnalysis(_ForwardForFlops(model), inputs).set_op_handle(**EXTRA_HANDLES)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         total = analysis.total() / 1e9
         by_module = {k.removeprefix("model."): v / 1e9 for k, v in analysis.by_module().items()
@@ -73,9 +75,13 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> dict:
         model.train(was_training)
 
 
-def mean_gflops(model: torch.nn.Module, images: torch.Tensor) -> float:
+def mean_gflops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> float:
     """Average batch-1 GFLOPs over images [N,3,H,W] (token counts, hence FLOPs, vary per image)."""
-    return sum(count_gflops(model, img[None])["gflops"] for img in images) / len(images)
+    total = 0.0
+    for i in range(len(images)):
+        label = None if labels is None else labels[i : i + 1]
+        total += count_gflops(model, images[i : i + 1], label)["gflops"]
+    return total / len(images)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="flops")

@@ -11,7 +11,10 @@ from torch import nn
 from step_lightning.inference import infer
 from step_lightning.lit.schedules import lr_factor
 from step_lightning.metrics import SegMetrics
+from step_lightning.models.early_exit import ExitStats
 from step_lightning.models.loss import ATMLoss
+from step_lightning.tokens.layout import identity_layout
+from step_lightning.tokens.stats import TokenStats
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
@@ -52,7 +55,9 @@ class SegmentationModule(L.LightningModule):
         self.model = model
         self.criterion = ATMLoss(num_classes, ignore_index, **(loss or {}))
         self.val_metrics = SegMetrics(num_classes, ignore_index)
-        self.val_tokens: list[torch.Tensor] = []
+        self.token_stats = TokenStats()
+        self.exit_stats = ExitStats()
+        self.last_val: dict = {}
 
     def forward(self, images: torch.Tensor):
         return self.model(images)
@@ -72,17 +77,34 @@ class SegmentationModule(L.LightningModule):
         scores, outs = infer(self.model, images, tuple(labels.shape[-2:]), hp.eval_mode, hp.eval_crop, hp.eval_stride,
                              labels=labels)
         self.val_metrics.update(scores.argmax(1), labels)
-        self.val_tokens.extend(out.tokens for out in outs)
+        for out in outs:
+            self.update_token_stats(out)
+
+    def update_token_stats(self, out) -> None:
+        layout = out.extras.get("layout")
+        if layout is None:  # plain patches: every cell is a token
+            grid = out.outputs[-1]["mask_logits"].shape[-2:]
+            layout = identity_layout(out.tokens.shape[0], *grid, device=out.tokens.device)
+        self.token_stats.update(layout)
+        if "halted" in out.extras:
+            self.exit_stats.update(out.extras["halted"], out.tokens)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
-        self.val_metrics.reset()
-        tokens = torch.cat(self.val_tokens).float().mean()
-        self.val_tokens.clear()
+        token_stats = self.token_stats.compute()
+        exit_stats = self.exit_stats.compute() if self.exit_stats.update_called else None
+        for metric in (self.val_metrics, self.token_stats, self.exit_stats):
+            metric.reset()
         self.log("val/mIoU", metrics["mIoU"], prog_bar=True)
         self.log("val/aAcc", metrics["aAcc"])
-        self.log("val/tokens", tokens, sync_dist=True)
-        self.last_val = {k: v.detach().cpu() for k, v in metrics.items()} | {"tokens": float(tokens)}
+        self.log("val/tokens", token_stats["total"]["mean"], prog_bar=True)
+        self.log("val/token_reduction", token_stats["reduction"])
+        if exit_stats is not None:
+            self.log("val/halted_fraction", exit_stats["halted_fraction"], prog_bar=True)
+            for i, head in enumerate(exit_stats["per_head"]):
+                self.log(f"val/halted_head{i + 1}", head["halted_mean"])
+        self.last_val = {k: v.detach().cpu() for k, v in metrics.items()}
+        self.last_val |= {"token_stats": token_stats, "exit_stats": exit_stats}
 
     def configure_optimizers(self):
         hp = self.hparams

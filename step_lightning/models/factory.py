@@ -39,6 +39,11 @@ def build_policy(cfg: DictConfig):
     policy = cfg.get("policy", "oracle")
     if policy in (None, "oracle"):
         return None
+    if policy == "train":
+        raise ConfigError(
+            "policy=train trains a policy at the start of a training run; here give a checkpoint "
+            "(policy=/path/to/policy/last.ckpt) or policy=oracle."
+        )
     from pathlib import Path
 
     from step_lightning.lit.policy_module import load_policy
