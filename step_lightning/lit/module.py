@@ -32,6 +32,25 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
     ]
 
 
+def load_weights(model: nn.Module, path: str) -> None:
+    """Start from another run's weights, e.g. a no-exit model fine-tuned with halting (DToP's phase 2).
+    Tensors whose name and shape match are copied; the rest (new exit heads) keep their initialisation."""
+    from pathlib import Path
+
+    from step_lightning.data.base import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from={path} does not exist; give a checkpoint of a previous run (e.g. last.ckpt).")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = {k.removeprefix("model."): v for k, v in state.get("state_dict", state).items()}
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ConfigError(f"init_from={path} shares no weights with this model; is it a step-lightning checkpoint?")
+    model.load_state_dict(matched, strict=False)
+    print(f"init_from: loaded {len(matched)}/{len(own)} tensors from {path}")
+
+
 class SegmentationModule(L.LightningModule):
     def __init__(
         self,
@@ -49,10 +68,13 @@ class SegmentationModule(L.LightningModule):
         eval_crop: int = 512,
         eval_stride: int = 341,
         loss: dict | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        if init_from:
+            load_weights(model, init_from)
         self.criterion = ATMLoss(num_classes, ignore_index, **(loss or {}))
         self.val_metrics = SegMetrics(num_classes, ignore_index)
         self.token_stats = TokenStats()
