@@ -8,7 +8,6 @@ matmuls (Q K^T and attention x V) so numbers are comparable with the paper's.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from fvcore.nn import FlopCountAnalysis
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.config import register_resolvers
+from step_lightning.utils import write_json
 
 
 def _shape(value) -> list[int]:
@@ -84,6 +84,38 @@ def mean_gflops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     return total / len(images)
 
 
+def flops_input(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The image (and, for an oracle policy, its label map) to count on, at resolution x resolution.
+
+    Plain patches cost the same on any image, so a random one does; with supertokens the count depends on
+    the content: ``image=<file>`` (and ``label=<file>`` for the oracle) or, by default, a synthetic scene.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from step_lightning.data.synthetic import make_scene
+    from step_lightning.models.factory import tokenizer_kind
+
+    size = (cfg.resolution, cfg.resolution)
+    if tokenizer_kind(cfg) == "patch":
+        return torch.randn(1, 3, *size), None
+    if cfg.get("image"):
+        pixels = torch.from_numpy(np.asarray(Image.open(cfg.image).convert("RGB"))).permute(2, 0, 1)[None].float()
+        label = None
+        if cfg.get("label"):
+            label = torch.from_numpy(np.asarray(Image.open(cfg.label)).astype(np.int64))[None]
+            label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+    else:
+        scene, scene_label = make_scene(cfg.seed, cfg.resolution, 8, 5)
+        pixels = torch.from_numpy(scene).permute(2, 0, 1)[None].float()
+        label = torch.from_numpy(scene_label.astype(np.int64))[None]
+    mean = torch.tensor(list(cfg.backbone.mean)).view(1, 3, 1, 1)
+    std = torch.tensor(list(cfg.backbone.std)).view(1, 3, 1, 1)
+    return (pixels - mean) / std, label
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
 def main(cfg: DictConfig) -> float:
     from step_lightning.config import check_config
@@ -92,15 +124,20 @@ def main(cfg: DictConfig) -> float:
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, cfg.num_classes)
-    image = torch.randn(1, 3, cfg.resolution, cfg.resolution)
-    result = count_gflops(model, image)
+    if cfg.get("ckpt_path"):  # trained exit heads and policy: realistic halting and merging
+        from step_lightning.lit.module import load_weights
+
+        load_weights(model, cfg.ckpt_path)
+    image, label = flops_input(cfg)
+    result = count_gflops(model, image, label)
     rows = [("total", result["gflops"])] + sorted(result["by_module"].items())
-    print(f"{cfg.backbone.name} {cfg.resolution}x{cfg.resolution} classes={cfg.num_classes} method={cfg.method}")
+    print(f"{cfg.backbone.name} {cfg.resolution}x{cfg.resolution} classes={cfg.num_classes} method={cfg.method} "
+          f"tau={cfg.tau} prune_heads={list(cfg.prune_heads)}")
     print(f"{'module':<24}{'GFLOPs':>10}")
     for name, value in rows:
         print(f"{name:<24}{value:>10.2f}")
     out = Path(cfg.paths.output_dir) / "flops.json"
-    out.write_text(json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    write_json(out, {**result, "config": OmegaConf.to_container(cfg, resolve=True)})
     print(f"json: {out}")
     print(f"gflops={result['gflops']:.2f}")
     return result["gflops"]
