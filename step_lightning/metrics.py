@@ -10,8 +10,8 @@ class SegMetrics(MulticlassConfusionMatrix):
     """Accumulates the confusion matrix over a dataset (synced under DDP by torchmetrics).
 
     mIoU = mean over classes with a non-empty union of I_c / U_c (nanmean, as mmseg), ignore pixels
-    excluded; aAcc = correct / labelled pixels. torchmetrics' MulticlassJaccardIndex counts classes that
-    are absent from both GT and prediction as IoU 0 in its macro average, hence this wrapper.
+    excluded; aAcc = correct / labelled pixels. torchmetrics' MulticlassJaccardIndex (1.9) skips such classes in
+    its macro average too but reports them as IoU 0 per class; this wrapper gives NaN there, and aAcc.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
