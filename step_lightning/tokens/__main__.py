@@ -1,0 +1,75 @@
+"""Token statistics of a tokenizer over a dataset split (paper Table 2), without running the ViT.
+
+    python -m step_lightning.tokens data=cityscapes data.root=/work/shared/realdata/cityscapes \
+        data.split=train resolution=1024 tau=6899 policy=oracle [method=cts]
+
+Inputs are the benchmark's crops (``step_lightning.benchmark.sample_crops``): each image resized so its
+short side is ``resolution``, label resized to it (nearest), then ``crop=tiles`` (default here: the
+non-overlapping window grid, clamped at the border; a 2048x1024 Cityscapes image gives two crops side by
+side, so the whole image is counted) or ``crop=center``. Prints a table of tokens per size (mean / max /
+min over crops), the total and the reduction vs the 16x16 grid, and ends with
+``tokens_mean=<value> reduction=<value>``; writes tokens.json in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from step_lightning.benchmark import sample_crops
+from step_lightning.config import register_resolvers
+from step_lightning.models.factory import build_tokenizer
+from step_lightning.models.tokenizer import patch_grid
+from step_lightning.tokens.layout import TOKEN_SIZES, identity_layout
+from step_lightning.tokens.stats import TokenStats
+from step_lightning.utils import write_json
+
+
+def format_table(stats: dict, title: str) -> str:
+    sizes = [f"size_{s}" for s in TOKEN_SIZES]
+    header = ["", *(f"{s}x{s}" for s in TOKEN_SIZES), "total", "reduction"]
+    lines = [title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for stat in ("mean", "max", "min"):
+        values = [f"{stats[k][stat]:.1f}" for k in (*sizes, "total")]
+        # reduction: mean grid / mean tokens for the mean row, per-image extremes otherwise
+        reduction = stats["reduction"] if stat == "mean" else stats["reduction_per_image"][stat]
+        lines.append(f"| {stat} | " + " | ".join(values) + f" | {reduction:.2f}x |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def token_stats(cfg: DictConfig) -> dict:
+    images, labels, names, datamodule = sample_crops(cfg)
+    tokenizer = build_tokenizer(cfg, datamodule.ignore_index).eval()
+    stats = TokenStats()
+    for start in range(0, len(images), cfg.batch_size):
+        x, y = images[start : start + cfg.batch_size], labels[start : start + cfg.batch_size]
+        if hasattr(tokenizer, "layout"):
+            stats.update(tokenizer.layout(x, y))
+        else:  # plain patches: every cell is a token
+            stats.update(identity_layout(len(x), *patch_grid(x)))
+    result = stats.compute()
+    setting = (
+        f"{cfg.data.name} {cfg.data.get('split') or ''} {len(names)} crops {cfg.resolution}x{cfg.resolution} "
+        f"({cfg.crop}), method={cfg.method} tokenizer={cfg.tokenizer} tau={cfg.tau} policy={cfg.policy}"
+    )
+    print(format_table(result, setting))
+    write_json(
+        Path(cfg.paths.output_dir) / "tokens.json",
+        {"stats": result, "crops": names, "config": OmegaConf.to_container(cfg, resolve=True)},
+    )
+    print(f"tokens_mean={result['total']['mean']:.1f} reduction={result['reduction']:.3f}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="tokens")
+def main(cfg: DictConfig) -> None:
+    token_stats(cfg)
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()
