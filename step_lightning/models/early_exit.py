@@ -80,7 +80,8 @@ class EarlyExitSegmenter(nn.Module):
     ``{"class_logits": [B, K, 2], "mask_logits": that head's canvas on the patch grid [B, K, Hp, Wp]}``.
     Training runs every head; inference skips exit heads that cannot halt anything. ``extras``:
     ``layout``, ``halted`` int64 [B, exits] tokens halted at each exit, ``active_after`` int64 [B, exits]
-    tokens still active after each exit.
+    tokens still active after each exit; inference only: ``halt_head`` int64 [B, N] the exit that halted
+    each token (0-based), -1 = reached the final head (and padding).
     """
 
     def __init__(
@@ -139,9 +140,9 @@ class EarlyExitSegmenter(nn.Module):
             return self.forward_masked(images, labels)
         return self._forward_pruned(images, labels)
 
-    def _output(self, tokens: TokenBatch, outputs: list, halted: list, active: list) -> SegmenterOutput:
+    def _output(self, tokens: TokenBatch, outputs: list, halted: list, active: list, **more) -> SegmenterOutput:
         extras = {"layout": tokens.layout, "halted": torch.stack(halted, 1), "active_after": torch.stack(active, 1)}
-        return SegmenterOutput(outputs, tokens.counts, extras)
+        return SegmenterOutput(outputs, tokens.counts, extras | more)
 
     def forward_masked(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> SegmenterOutput:
         """Static-shape execution (training): halted tokens are carried through unchanged and masked out
@@ -207,6 +208,7 @@ class EarlyExitSegmenter(nn.Module):
             slot = torch.where(live, slot, n)
         active_count = tokens.counts
         canvas = None
+        halt_head = torch.full((b, n + 1), -1, device=x.device)  # column n: dump for non-halting positions
         outputs, halted, active_after = [], [], []
         for i, (start, end) in enumerate(self.stages):
             x = self.encoder.forward_blocks(x, live, start, end)
@@ -225,10 +227,11 @@ class EarlyExitSegmenter(nn.Module):
                 may_halt = torch.ones_like(slot, dtype=torch.bool) if live is None else live
                 halt = self.halt(i, out, may_halt)
                 halted.append(halt.sum(1))
+                halt_head = halt_head.scatter(1, torch.where(halt, slot, n), i)
                 x, slot, live = self._compact(x, slot, may_halt & ~halt, n)
                 active_count = active_count - halted[-1]
                 active_after.append(active_count)
-        return self._output(tokens, outputs, halted, active_after)
+        return self._output(tokens, outputs, halted, active_after, halt_head=halt_head[:, :n])
 
     def head_scores(self, output: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final scores: the final head's presence probabilities x sigmoid(canvas)."""
