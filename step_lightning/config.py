@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from step_lightning.data.base import ConfigError
 from step_lightning.models.vit import PATCH_SIZE, backbone_spec
+from step_lightning.tokens.tau import parse_tau
 
 
 def default_eval_stride(crop: int) -> int:
@@ -13,9 +15,20 @@ def default_eval_stride(crop: int) -> int:
     return int(crop) * 2 // 3
 
 
+def run_tags(*parts) -> list[str]:
+    """``${run_tags:${method},${backbone.name},${data.name},${tags}}``: the W&B tags of a run, the user's
+    ``tags`` list after method, backbone and dataset."""
+    tags = []
+    for part in parts:
+        tags.extend(str(t) for t in (part if isinstance(part, list | ListConfig) else [part]) if t is not None)
+    return list(dict.fromkeys(tags))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("eval_stride"):
         OmegaConf.register_new_resolver("eval_stride", default_eval_stride)
+    if not OmegaConf.has_resolver("run_tags"):
+        OmegaConf.register_new_resolver("run_tags", run_tags)
 
 
 def check_prune_heads(prune_heads, depth: int) -> tuple[int, ...]:
@@ -32,6 +45,24 @@ def check_prune_heads(prune_heads, depth: int) -> tuple[int, ...]:
     return heads
 
 
+def world_size(trainer: DictConfig) -> int | None:
+    """Processes the trainer config will run (devices x nodes); None where only Lightning can tell."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, ListConfig | list):
+        count = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        count = int(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    elif devices in (-1, "-1", "auto") and trainer.get("accelerator") in ("gpu", "cuda"):
+        count = torch.cuda.device_count()
+        if count == 0:
+            return None
+    else:
+        return None
+    return count * int(trainer.get("num_nodes", 1) or 1)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, with the fix in the message, on mistakes that would otherwise surface deep in a run."""
     spec = backbone_spec(cfg.backbone.name)
@@ -43,14 +74,14 @@ def check_config(cfg: DictConfig) -> None:
     taps = list(cfg.backbone.taps)
     if taps != sorted(set(taps)) or taps[0] < 1 or taps[-1] > depth:
         raise ConfigError(f"backbone.taps={taps} must be increasing layer numbers within 1..{depth}.")
-    devices = cfg.trainer.get("devices", 1)
-    if isinstance(devices, int) and devices > 0 and "batch_size" in cfg.data:
-        world = devices * cfg.trainer.get("num_nodes", 1)
-        if cfg.data.batch_size % world:
-            raise ConfigError(
-                f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the {world} devices; "
-                f"use a multiple of {world}."
-            )
+    if cfg.get("tau") is not None:
+        parse_tau(cfg.tau)
+    world = world_size(cfg.trainer)
+    if world and "batch_size" in cfg.data and cfg.data.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (global) is not divisible by the {world} devices; "
+            f"use a multiple of {world}."
+        )
     if cfg.eval.mode not in ("whole", "slide"):
         raise ConfigError(f"eval.mode={cfg.eval.mode} must be 'whole' or 'slide'.")
     if cfg.optim.schedule not in ("poly", "cosine"):

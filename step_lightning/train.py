@@ -3,10 +3,14 @@
     python -m step_lightning.train [overrides]     e.g. backbone=vit_l data=ade20k method=step tau=6899
 
 Fits, validates the best checkpoint, writes ``summary.json`` in the run directory and prints its path.
+Mistakes the user must fix end the CLI with one ``error: ...`` line and exit status 1; SIGTERM saves
+``checkpoints/last.ckpt`` and exits with 143.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,10 +18,15 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from step_lightning.callbacks.durability import LAST, NonFiniteLossError
 from step_lightning.config import check_config, register_resolvers
+from step_lightning.data.base import ConfigError
 from step_lightning.flops import mean_gflops
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.models.factory import build_model, tokenizer_kind
@@ -53,6 +62,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         eval_crop=cfg.eval.crop,
         eval_stride=cfg.eval.stride,
         loss=OmegaConf.to_container(cfg.loss),
+        init_from=cfg.get("init_from"),
     )
 
 
@@ -74,8 +84,6 @@ def sample_batch(datamodule, count: int = 4) -> tuple[torch.Tensor, torch.Tensor
 
 def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
     """Train the dCTS policy network on the datamodule's labels; returns its checkpoint and metrics."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from step_lightning.lit.policy_module import PolicyModule
 
     pcfg = cfg.policy_train
@@ -89,15 +97,20 @@ def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
         warmup_steps=pcfg.warmup_steps,
     )
     checkpoint = ModelCheckpoint(dirpath=output_dir / "policy", filename="policy-step{step:06d}",
-                                 auto_insert_metric_name=False, monitor="val/loss", mode="min", save_last=True)
+                                 auto_insert_metric_name=False, monitor="val/loss", mode="min")
+    # The group's last_checkpoint callback writes policy/last.ckpt: it follows the best-checkpoint folder.
+    loggers = instantiate_group(cfg.get("logger"), name_suffix="policy")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_steps=pcfg.max_steps,
         val_check_interval=pcfg.val_check_interval,
         callbacks=[checkpoint, *instantiate_group(cfg.get("callbacks"), exclude=("model_checkpoint",))],
-        logger=instantiate_group(cfg.get("logger"), name_suffix="policy") or False,
+        logger=loggers or False,
     )
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        finish_wandb(loggers)  # the segmenter's training is a separate W&B run
     best = checkpoint.best_model_path or checkpoint.last_model_path
     metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     print("policy: " + " ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())))
@@ -114,6 +127,7 @@ def train(cfg: DictConfig) -> dict:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    resume = resume_path(cfg, output_dir) if cfg.task != "policy" else None
     datamodule = hydra.utils.instantiate(cfg.data)
     if cfg.task == "policy":
         policy = train_policy(cfg, datamodule, output_dir)
@@ -122,15 +136,45 @@ def train(cfg: DictConfig) -> dict:
         return finish(summary, output_dir, f"policy checkpoint: {policy['checkpoint']}")
     policy_summary = None
     if cfg.policy == "train" and tokenizer_kind(cfg) != "patch":
-        policy_summary = train_policy(cfg, datamodule, output_dir)
-        cfg.policy = policy_summary["checkpoint"]
+        if resume:  # the policy is inside the checkpoint; its file only gives the network's shape
+            from step_lightning.eval import trained_policy
+
+            cfg.policy = str(trained_policy(resume))
+        else:
+            policy_summary = train_policy(cfg, datamodule, output_dir)
+            cfg.policy = policy_summary["checkpoint"]
     module = build_module(cfg, datamodule)
+    loggers = instantiate_group(cfg.get("logger"))
+    try:
+        return fit_and_summarise(cfg, datamodule, module, loggers, resume, policy_summary, output_dir, start)
+    finally:
+        finish_wandb(loggers)
+
+
+def resume_path(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """``ckpt_path`` if given, else (``auto_resume``) this run directory's own last.ckpt, which a requeued
+    SLURM job or a rerun into the same ``hydra.run.dir`` finds."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a run's checkpoints/{LAST}.")
+        return path
+    own = output_dir / "checkpoints" / LAST
+    if cfg.get("auto_resume") and own.is_file():
+        print(f"resuming from {own} (auto_resume)")
+        return own
+    return None
+
+
+def fit_and_summarise(cfg, datamodule, module, loggers, resume, policy_summary, output_dir, start) -> dict:
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
-        or False
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint = best.best_model_path if best else ""
     trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
     val = module.last_val
     summary = {
@@ -152,7 +196,42 @@ def train(cfg: DictConfig) -> dict:
         f"tokens_per_image={summary['tokens_per_image']:.1f} reduction={summary['token_stats']['reduction']:.2f}x"
     if summary["exit_stats"]:
         line += f" halted_fraction={summary['exit_stats']['halted_fraction']:.3f}"
+    log_final(loggers, summary, trainer.global_step)
     return finish(summary, output_dir, line)
+
+
+def final_metrics(summary: dict) -> dict[str, float]:
+    """The flat ``final/...`` metrics of a summary: dataset-level scores, per-class IoU, cost, tokens, exits."""
+    metrics = {"final/mIoU": summary["mIoU"], "final/aAcc": summary["aAcc"], "final/gflops": summary["gflops"],
+               "final/tokens_per_image": summary["tokens_per_image"],
+               "final/token_reduction": summary["token_stats"]["reduction"]}
+    metrics |= {f"final/IoU/{name}": iou for name, iou in summary["per_class_IoU"].items() if iou == iou}
+    if summary["exit_stats"]:
+        metrics["final/halted_fraction"] = summary["exit_stats"]["halted_fraction"]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@rank_zero_only
+def log_final(loggers: list[Logger], summary: dict, step: int) -> None:
+    metrics = final_metrics(summary)
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        if isinstance(logger, WandbLogger):  # the run's summary is what the W&B runs table shows
+            logger.experiment.summary.update(metrics)
+        logger.save()
+
+
+def finish_wandb(loggers: list[Logger]) -> None:
+    """End this job's W&B run, so that the next job of a multirun (same process) starts its own."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers) and rank_zero_only.rank == 0:
+        import wandb
+
+        run = wandb.run
+        offline = run is not None and run.settings.mode == "offline"
+        directory = run.settings.sync_dir if run is not None else None
+        wandb.finish()
+        if offline:
+            print(f"wandb: offline run saved; upload it with `wandb sync {directory}`")
 
 
 def finish(summary: dict, output_dir: Path, headline: str) -> dict:
@@ -164,9 +243,91 @@ def finish(summary: dict, output_dir: Path, headline: str) -> dict:
     return summary
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the RuntimeErrors of other backends/older torch, the CPU allocator's."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+
+
+def oom_advice(cfg: DictConfig, error: BaseException) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"out of memory ({first[:200]}). Lower data.batch_size (now {cfg.data.get('batch_size')}, the global "
+        f"batch; trainer=ddp splits it over GPUs), crop_size (now {cfg.crop_size}), use "
+        f"trainer.precision=bf16-mixed (now {cfg.trainer.get('precision')}) or a smaller backbone "
+        f"(now {cfg.backbone.name})."
+    )
+
+
+def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
+    """No API key and no WANDB_MODE: run W&B offline instead of failing on a machine without network."""
+    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or cfg.logger.wandb.offline:
+        return
+    import wandb
+
+    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+        print("wandb: no API key found; logging offline (set WANDB_API_KEY or run `wandb login` to log online)")
+        cfg.logger.wandb.offline = True
+
+
+def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:
+    """The command Lightning's ``strategy=ddp`` starts for rank ``local_rank`` under Hydra.
+
+    Lightning's own version replays ``sys.argv``, which in a multirun holds the whole sweep (each rank
+    would start a new sweep) and misses the job's directory. This replays only this job's overrides, as a
+    single run (``hydra.mode=RUN``, even when an experiment sets MULTIRUN) in this job's output directory,
+    without a second ``.hydra/`` there.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    import __main__
+
+    hc = HydraConfig.get()
+    if __main__.__spec__ is not None:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    else:
+        command = [sys.executable, os.path.join(get_original_cwd(), sys.argv[0])]
+    command.append(f"--config-name={hc.job.config_name}")
+    command += [f"--config-dir={s.path}" for s in hc.runtime.config_sources if s.provider == "command-line"]
+    command += list(hc.overrides.task)
+    command += [
+        f'hydra.run.dir="{hc.runtime.output_dir}"',
+        f"hydra.job.name={hc.job.name}_rank{local_rank}",
+        f"hydra.job.chdir={hc.job.chdir}",
+        "hydra.output_subdir=null",
+        "hydra.mode=RUN",
+    ]
+    return command, get_original_cwd()
+
+
+def use_hydra_ddp_command() -> None:
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):  # fail loudly if Lightning moves it
+        raise RuntimeError("lightning's _hydra_subprocess_cmd moved; update step_lightning.train.hydra_ddp_command")
+    subprocess_script._hydra_subprocess_cmd = hydra_ddp_command
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return float(train(cfg)["mIoU"])  # the objective for Hydra sweepers
+    """CLI: the objective for Hydra sweepers (final val mIoU); user errors as one ``error:`` line."""
+    use_hydra_ddp_command()
+    wandb_offline_unless_logged_in(cfg)
+    try:
+        return float(train(cfg).get("mIoU", float("nan")))  # task=policy has no mIoU
+    except (ConfigError, NonFiniteLossError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except SIGTERMException:
+        print(f"error: stopped by SIGTERM; resume with ckpt_path={Path(cfg.paths.output_dir) / 'checkpoints' / LAST}",
+              file=sys.stderr)
+        raise SystemExit(143) from None
+    except (RuntimeError, MemoryError) as e:
+        if out_of_memory(e):
+            raise SystemExit(f"error: {oom_advice(cfg, e)}") from None
+        raise
 
 
 if __name__ == "__main__":

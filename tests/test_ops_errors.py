@@ -1,0 +1,139 @@
+"""Failure behaviour: configuration mistakes before any data/model, NaN loss, out of memory, atomic checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step_lightning import train as train_mod
+from step_lightning.callbacks.durability import AtomicCheckpointIO, NonFiniteLossError
+from step_lightning.config import check_config
+from step_lightning.data.base import ConfigError
+from tests.conftest import REPO, TINY_RUN, compose_config, run_module, run_train
+
+MISTAKES = [
+    (["tau=69"], "tau=69 is not exactly four digits"),
+    (["tau=6.8"], "tau=6.8 must be four digits"),
+    (["method=dtop", "prune_heads=[16,8]"], "must be strictly increasing"),
+    (["method=dtop", "prune_heads=[2]"], "must lie within 1..1"),
+    (["crop_size=70"], "crop_size=70 must be a positive multiple of 16"),
+    (["trainer=ddp_sim", "data.batch_size=3"], "data.batch_size=3 (global) is not divisible by the 2 devices"),
+    (["trainer.devices=[0,1,2]", "data.batch_size=4"], "not divisible by the 3 devices"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), MISTAKES, ids=[m[1][:30] for m in MISTAKES])
+def test_config_mistakes_stop_before_data_or_model(tmp_path, monkeypatch, overrides, message):
+    cfg = compose_config([*TINY_RUN, *overrides], output_dir=tmp_path)
+
+    def no_instantiate(*_, **__):
+        raise AssertionError("data or model was built before the configuration was checked")
+
+    monkeypatch.setattr(train_mod.hydra.utils, "instantiate", no_instantiate)
+    monkeypatch.setattr(train_mod, "build_module", no_instantiate)
+    with pytest.raises(ConfigError) as info:
+        train_mod.train(cfg)
+    assert message in str(info.value)
+
+
+def test_missing_resume_checkpoint_is_a_config_error(tmp_path, monkeypatch):
+    cfg = compose_config([*TINY_RUN, f"ckpt_path={tmp_path}/nope.ckpt"], output_dir=tmp_path)
+    monkeypatch.setattr(train_mod.hydra.utils, "instantiate", pytest.fail)
+    with pytest.raises(ConfigError, match="ckpt_path=.*nope.ckpt does not exist"):
+        train_mod.train(cfg)
+
+
+def test_valid_tiny_config_passes_checks(tmp_path):
+    check_config(compose_config([*TINY_RUN, "method=step", "tau=4999", "prune_heads=[1]"], output_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, error):
+    cfg = compose_config(TINY_RUN, output_dir=tmp_path)
+
+    def oom(_cfg):
+        raise error
+
+    monkeypatch.setattr(train_mod, "train", oom)
+    with pytest.raises(SystemExit) as info:
+        train_mod.main(cfg)  # a DictConfig argument bypasses Hydra's command-line parsing
+    text = str(info.value.code)
+    assert text.startswith("error: out of memory")
+    for setting in ("data.batch_size (now 4", "crop_size (now 64)", "trainer.precision=bf16-mixed", "backbone"):
+        assert setting in text
+
+
+def test_other_runtime_errors_propagate(tmp_path, monkeypatch):
+    cfg = compose_config(TINY_RUN, output_dir=tmp_path)
+    monkeypatch.setattr(train_mod, "train", lambda _cfg: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        train_mod.main(cfg)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from step_lightning.lit.module import SegmentationModule
+
+    original = SegmentationModule.training_step
+
+    def nan_from_step_3(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 3 else loss
+
+    monkeypatch.setattr(SegmentationModule, "training_step", nan_from_step_3)
+    with pytest.raises(NonFiniteLossError, match="training loss is nan at step 4") as info:
+        run_train([*TINY_RUN, "trainer.max_steps=6"], tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"the last good checkpoint is {last}" in str(info.value)
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # every 2 steps (val_check_interval); nothing written after the NaN
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_checkpoint_io_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # the process being stopped in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=False) == {"global_step": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_trainer_config_uses_atomic_checkpoint_io(tmp_path):
+    import hydra
+
+    cfg = compose_config(TINY_RUN, output_dir=tmp_path)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.slow
+def test_cli_prints_one_error_line_without_traceback(tmp_path):
+    result = run_module("step_lightning.train", [*TINY_RUN, "tau=12345"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: tau=12345 is not exactly four digits")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_cli_unknown_group_option_is_reported_cleanly(tmp_path):
+    result = run_module("step_lightning.train", ["backbone=vit_x"], tmp_path)
+    assert result.returncode == 1
+    assert "Could not find 'backbone/vit_x'" in result.stderr
+    assert "vit_b" in result.stderr  # the available options are listed
+    assert "Traceback" not in result.stderr + result.stdout
+    assert str(REPO) not in result.stdout
