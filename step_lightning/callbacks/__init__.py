@@ -1,1 +1,1 @@
-"""Lightning callbacks and plugins used by the training entry point."""
+"""Lightning callbacks."""

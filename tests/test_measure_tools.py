@@ -1,0 +1,142 @@
+"""Measurement tools on tiny configs: benchmark, tokens CLI, per-layer profile, visualisations, callback."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import compose_config, run_module
+
+TINY = [
+    "backbone=vit_t",
+    "backbone.depth=2",
+    "backbone.taps=[1,2]",
+    "backbone.single_head=[1]",
+    "data.num_val=3",
+    "threads=1",
+]
+
+
+def test_benchmark_outputs_and_monotone_flops(tmp_path):
+    from step_lightning.benchmark import benchmark
+
+    methods = "methods=[segvit,cts,dcts@6899,{name:step1,method:step,prune_heads:[1],force_halt:0.5}]"
+    cfg = compose_config([*TINY, methods, "resolution=128", "num_images=2", "repeats=1"], "benchmark", tmp_path)
+    report = benchmark(cfg)
+    rows = report["methods"]
+    assert list(rows) == ["segvit", "cts", "dcts@6899", "step1"]
+    seg, dcts, step = rows["segvit"], rows["dcts@6899"], rows["step1"]
+    # Synthetic scenes have large homogeneous sky/ground: the oracle merges, FLOPs drop.
+    assert dcts["tokens_mean"] < seg["tokens_mean"] == 64 and dcts["gflops"] < seg["gflops"]
+    assert rows["cts"]["tokens_mean"] == 64 - 3 * 6  # CTS: k = round(103 * 64 / 1024) = 6 windows
+    assert step["halted_fraction"] == pytest.approx(0.5, abs=0.1) and len(step["tokens_after_exits"]) == 1
+    assert seg["gflops_ratio"] == 1 and dcts["gflops_ratio"] > 1
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["peak_mem_mb"] is not None
+        assert row["throughput_per_gflops_ratio"] == pytest.approx(row["throughput_ratio"] / row["gflops_ratio"])
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["setting"]["images"] == 2 and saved["methods"]["step1"]["halted_fraction"] == step["halted_fraction"]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "throughput ratio / GFLOPs ratio" in table and "| dcts@6899 |" in table
+    with open(tmp_path / "benchmark.csv") as file:
+        assert [r["method"] for r in csv.DictReader(file)] == list(rows)
+    assert Image.open(tmp_path / "throughput_vs_gflops.png").size[0] > 100
+
+
+def test_shared_weights_across_methods(tmp_path):
+    from step_lightning.benchmark import build_models, method_configs
+
+    cfg = compose_config(
+        [*TINY, "methods=[segvit,dcts,step]", "backbone.dtop_heads=[1]", "resolution=64"], "benchmark", tmp_path
+    )
+    models = build_models(method_configs(cfg), num_classes=8, ignore_index=255)
+    seg, dcts, step = models.values()
+    for key, value in seg.encoder.state_dict().items():
+        assert torch.equal(value, dcts.encoder.state_dict()[key]) and torch.equal(value, step.encoder.state_dict()[key])
+    assert all(torch.equal(v, dcts.state_dict()[k]) for k, v in seg.state_dict().items())
+
+
+def test_tokens_cli_prints_table_and_last_line(tmp_path):
+    result = run_module("step_lightning.tokens", ["resolution=64", "data.num_val=3", "tau=6899"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("tokens_mean=") and " reduction=" in lines[-1]
+    assert any(line.startswith("| mean |") for line in lines)
+    stats = json.loads((tmp_path / "tokens.json").read_text())["stats"]
+    assert stats["images"] == 3 and stats["reduction"] == pytest.approx(16 / stats["total"]["mean"])
+
+
+def test_profile_parts_add_up(tmp_path):
+    from step_lightning.profile_layers import profile
+
+    cfg = compose_config(
+        [*TINY, "method=step_single", "force_halt=0.5", "resolution=64", "num_images=1", "repeats=3"],
+        "profile",
+        tmp_path,
+    )
+    report = profile(cfg)
+    rows, total = report["rows"], report["total"]
+    assert {"tokenizer", "block 1", "block 2", "exit head 1 (L1)", "final head", "halting rule"} <= set(rows)
+    # GFLOPs: the named parts hold nearly everything (the remainder is the final scores/canvas).
+    named = sum(r["gflops"] for k, r in rows.items() if k != "other")
+    assert named == pytest.approx(total["gflops"], rel=0.05)
+    # Time: medians per part (each run's 'other' = forward - timed parts) add up to about the median forward.
+    assert sum(r["ms"] for r in rows.values()) == pytest.approx(total["ms"], rel=0.25)
+    assert 0 <= rows["other"]["ms"] < 0.5 * total["ms"]
+    assert rows["block 2"]["tokens"] < rows["block 1"]["tokens"] == 16  # half the tokens halted after layer 1
+    assert (tmp_path / "profile.png").is_file() and "| block 1 |" in (tmp_path / "profile.md").read_text()
+
+
+def test_visualize_writes_pngs(tmp_path):
+    from step_lightning.visualize import visualize
+
+    cfg = compose_config(
+        [*TINY, "method=step_single", "force_halt=0.4", "resolution=64", "num_images=2"], "visualize", tmp_path
+    )
+    paths = visualize(cfg)
+    assert len(paths) == 2 and all(Image.open(p).size[0] > 300 for p in paths)
+
+
+def test_halt_head_matches_halted_counts():
+    from step_lightning.models.early_exit import EarlyExitSegmenter
+    from step_lightning.models.vit import ViTEncoder
+
+    torch.manual_seed(0)
+    model = EarlyExitSegmenter(ViTEncoder("vit_t", 64, depth=3), 5, [1, 2], prune_threshold=1.0).eval()
+    model.force_halt = 0.3
+    out = model(torch.randn(2, 3, 64, 64))
+    halt_head = out.extras["halt_head"]
+    assert halt_head.shape == (2, 16)
+    assert torch.equal((halt_head == 0).sum(1), out.extras["halted"][:, 0])
+    assert torch.equal((halt_head == -1).sum(1), out.extras["active_after"][:, -1])
+
+
+def test_callback_writes_pngs_with_csv_logger(tmp_path):
+    from step_lightning.train import train
+
+    overrides = [
+        "method=step_single",
+        "force_halt=null",
+        "backbone=vit_t",
+        "backbone.depth=2",
+        "backbone.taps=[1,2]",
+        "backbone.single_head=[1]",
+        "crop_size=64",
+        "data.num_train=8",
+        "data.num_val=2",
+        "data.batch_size=4",
+        "policy=oracle",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "logger=csv",
+        "callbacks.progress_bar=null",
+        "callbacks.visualization.num_images=2",
+    ]
+    cfg = compose_config([o for o in overrides if not o.startswith("force_halt")], "train", tmp_path)
+    train(cfg)
+    pngs = sorted(tmp_path.glob("csv/**/vis/*.png"))
+    assert len(pngs) >= 2, sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
