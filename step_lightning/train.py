@@ -9,10 +9,13 @@ Mistakes the user must fix end the CLI with one ``error: ...`` line and exit sta
 
 from __future__ import annotations
 
+import netrc
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import hydra
 import lightning as L
@@ -117,12 +120,39 @@ def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
     return {"checkpoint": best, "metrics": metrics, "steps": trainer.global_step}
 
 
+# Set in os.environ by Lightning's DDP launcher in the process that starts the other ranks.
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def job_distributed_scope():
+    """Keep one job's DDP state from leaking into the next job of a multirun in the same process: with
+    LOCAL_RANK left in the environment the next trainer would wait for ranks it believes were started
+    externally, and its process group would still point at the previous job's exited ranks."""
+    saved = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit and evaluate; returns the final validation metrics (also written to summary.json).
 
     ``task=policy`` trains only the dCTS policy. With a supertoken method and ``policy=train``, the policy
     is trained first in this run (``<run>/policy/``) and then drives the segmenter's tokenizer.
     """
+    with job_distributed_scope():
+        return train_job(cfg)
+
+
+def train_job(cfg: DictConfig) -> dict:
     start = time.time()
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -261,15 +291,23 @@ def oom_advice(cfg: DictConfig, error: BaseException) -> str:
     )
 
 
+def wandb_key_available() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` stores it), without touching wandb."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
     """No API key and no WANDB_MODE: run W&B offline instead of failing on a machine without network."""
-    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or cfg.logger.wandb.offline:
+    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or wandb_key_available():
         return
-    import wandb
-
-    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-        print("wandb: no API key found; logging offline (set WANDB_API_KEY or run `wandb login` to log online)")
-        cfg.logger.wandb.offline = True
+    print("wandb: no API key found; logging offline (set WANDB_API_KEY or run `wandb login` to log online)")
+    os.environ["WANDB_MODE"] = "offline"  # before wandb reads its settings; inherited by DDP ranks
 
 
 def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:
