@@ -69,7 +69,7 @@ def test_logger_options_instantiate(compose_cfg, tmp_path, option):
 def test_callbacks_and_synthetic_data_instantiate(compose_cfg):
     cfg = compose_cfg(["crop_size=32", "data.num_train=2", "data.num_val=2"])
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-    assert {type(c).__name__ for c in callbacks} == {"ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"}
+    assert {"ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"} <= {type(c).__name__ for c in callbacks}
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     sample = datamodule.val_set[0]
@@ -194,8 +194,6 @@ def test_train_cli_bad_crop_exits_with_message(train_cli_bad_crop):
     assert "crop_size=100 must be a positive multiple of 16" in text
 
 
-@pytest.mark.xfail(reason="train.py has no top-level ConfigError handling yet: Hydra prints a traceback",
-                   strict=False)
 def test_train_cli_bad_crop_has_no_traceback(train_cli_bad_crop):
     result, text = train_cli_bad_crop
     assert result.returncode != 0
