@@ -140,3 +140,22 @@ def test_callback_writes_pngs_with_csv_logger(tmp_path):
     train(cfg)
     pngs = sorted(tmp_path.glob("csv/**/vis/*.png"))
     assert len(pngs) >= 2, sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+
+def test_collect_sweep_table(tmp_path):
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("collect_sweep", REPO / "scripts" / "collect_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for job, (tau, miou, gflops) in enumerate([("6899", 46.0, 181.0), ("4999", 45.3, 159.0)]):
+        config = {"method": "dcts", "tau": tau, "prune_heads": [], "backbone": {"name": "vit_l"}}
+        summary = {"mIoU": miou, "gflops": gflops, "tokens_per_image": 700.0, "exit_stats": None, "config": config}
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "summary.json").write_text(json.dumps(summary))
+    table = module.main([str(tmp_path)]).read_text()
+    rows = [line for line in table.splitlines() if "tau=" in line]
+    assert [r.split("|")[2].strip() for r in rows] == ["tau=4999", "tau=6899"]  # sorted by GFLOPs
+    assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep.csv").read_text().count("\n") == 3
