@@ -88,6 +88,8 @@ class VisualizationCallback(L.Callback):
                     logger.experiment.add_image(f"{self.key}/{i}", figure, step, dataformats="HWC")
                 as_files = False
         if as_files:  # CSV or no logger: PNGs next to the logger's files (or the run dir)
-            root = Path(trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir)
+            # fast_dev_run's DummyLogger has no log_dir
+            log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
+            root = Path(log_dir or trainer.default_root_dir)
             for i, figure in enumerate(figures):
                 save_png(figure, root / "vis" / f"step{step:06d}_{i}.png")
