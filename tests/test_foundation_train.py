@@ -28,8 +28,6 @@ def test_fast_dev_run_per_backbone(tmp_path, backbone):
     assert (tmp_path / "summary.json").is_file()
 
 
-@pytest.mark.xfail(reason="callbacks/visualization.py:91 builds Path(None): fast_dev_run's DummyLogger has "
-                   "log_dir None", strict=False)
 def test_fast_dev_run_with_default_callbacks(tmp_path):
     summary = run_train(["method=segvit", "policy=oracle", "backbone.depth=2", "backbone.taps=[1,2]",
                          "crop_size=32", "data.num_train=2", "data.num_val=1", "data.batch_size=2",
@@ -37,8 +35,6 @@ def test_fast_dev_run_with_default_callbacks(tmp_path):
     assert summary["steps"] == 1
 
 
-@pytest.mark.xfail(reason="conf/debug/fast.yaml sets logger: null but keeps the LearningRateMonitor callback, "
-                   "which Lightning refuses without a logger", strict=False)
 def test_debug_fast_preset(tmp_path):
     summary = run_train(["method=segvit", "backbone.depth=2", "backbone.taps=[1,2]", "crop_size=32", "data.num_train=2",
                          "data.num_val=1", "data.batch_size=2", "debug=fast"], tmp_path)

@@ -41,7 +41,7 @@ class TokenBatch:
 
 
 def patch_grid(images: torch.Tensor) -> tuple[int, int]:
-    h, w = images.shape[-2:]
+    h, w = (int(side) for side in images.shape[-2:])  # plain ints, also while fvcore traces
     if h % PATCH_SIZE or w % PATCH_SIZE:
         raise ValueError(f"model input {h}x{w} px must have sides that are multiples of {PATCH_SIZE}")
     return h // PATCH_SIZE, w // PATCH_SIZE

@@ -193,7 +193,9 @@ def cts_layout(score2: Tensor, grid: tuple[int, int], k: int) -> TokenLayout:
     flat = _window_scores(score2, 2, hp, wp).flatten(1)
     if not 0 <= k <= flat.shape[1]:
         raise ValueError(f"k={k} must lie in [0, {flat.shape[1]}] for a {hp}x{wp} grid")
-    accept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(k, dim=1).indices, True)
+    top = flat.topk(k, dim=1).indices
+    # A tensor source (not a Python bool) keeps this traceable by fvcore's jit trace.
+    accept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, torch.ones_like(top, dtype=torch.bool))
     cells = _expand_windows(accept.view(-1, hp // 2, wp // 2), 2, hp, wp)
     size_map = torch.where(cells, 2, torch.ones_like(cells, dtype=torch.long))
     return layout_from_size_map(size_map, num_slots=hp * wp - 3 * k)
