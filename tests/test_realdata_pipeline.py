@@ -65,7 +65,7 @@ def test_fast_dev_run_on_real_samples(dataset, tmp_path):
     from step_lightning.train import train
 
     overrides = [f"data={dataset}", *REAL_SETS[dataset], *TINY_MODEL, "crop_size=128", "method=step",
-                 "policy=oracle", "prune_heads=[1]", "trainer.fast_dev_run=true", "eval.mode=slide"]
+                 "policy=oracle", "prune_heads=[1]", "+trainer.fast_dev_run=true", "eval.mode=slide"]
     summary = train(compose_config(overrides, output_dir=tmp_path))
     assert 0.0 <= summary["mIoU"] <= 100.0
     assert summary["token_stats"]["reduction"] >= 1.0
