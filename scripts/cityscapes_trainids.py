@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.folders import suggest_root
 from step_lightning.data.io import read_label
 from step_lightning.data.labels import CITYSCAPES_LABELIDS

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from scipy.io import loadmat
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.labels import COCO10K_RAW_LABELS
 
 SPLITS = {"train": "train2014", "test": "test2014"}  # imageLists/<key>.txt -> output split folder

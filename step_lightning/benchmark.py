@@ -41,16 +41,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from step_lightning.config import check_config, register_resolvers
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
+from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.flops import count_gflops
 from step_lightning.inference import window_starts
 from step_lightning.metrics import SegMetrics
 from step_lightning.models.factory import build_model
 from step_lightning.models.tokenizer import SupertokenTokenizer
 from step_lightning.tokens.policy import policy_gflops
-from step_lightning.utils import atomic_write_text, write_json
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -465,7 +465,7 @@ def benchmark(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     benchmark(cfg)
 

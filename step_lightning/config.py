@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from step_lightning.data.base import ConfigError
-from step_lightning.models.vit import PATCH_SIZE, backbone_spec
+from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.models.vit import backbone_spec
 from step_lightning.tokens.tau import parse_tau
 
 

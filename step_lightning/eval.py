@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.config import check_config, register_resolvers
-from step_lightning.data.base import ConfigError
-from step_lightning.utils import write_json
+from step_lightning.core import ConfigError
+from step_lightning.core.files import write_json
 
 # Keys that belong to the eval command itself and never come from the training run.
 EVAL_ONLY_KEYS = ("ckpt_path", "run_config")
@@ -214,7 +214,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 

@@ -17,7 +17,7 @@ from fvcore.nn import FlopCountAnalysis
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.config import register_resolvers
-from step_lightning.utils import write_json
+from step_lightning.core.files import write_json
 
 
 def _shape(value) -> list[int]:
@@ -116,7 +116,7 @@ def flops_input(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (pixels - mean) / std, label
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
+@hydra.main(version_base="1.3", config_path="conf", config_name="flops")
 def main(cfg: DictConfig) -> float:
     from step_lightning.config import check_config
     from step_lightning.models.factory import build_model

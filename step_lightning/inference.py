@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from step_lightning.models.vit import PATCH_SIZE
+from step_lightning.core import PATCH_SIZE
 
 
 def pad_to_patch_multiple(images: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,9 @@ from step_lightning.benchmark import (
     synchronize,
 )
 from step_lightning.config import register_resolvers
+from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.flops import EXTRA_HANDLES
 from step_lightning.models.tokenizer import SupertokenTokenizer
-from step_lightning.utils import atomic_write_text, write_json
 
 
 def components(model: nn.Module) -> dict[str, nn.Module]:
@@ -237,7 +237,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="profile")
+@hydra.main(version_base="1.3", config_path="conf", config_name="profile")
 def main(cfg: DictConfig) -> None:
     profile(cfg)
 

@@ -29,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.callbacks.durability import LAST, NonFiniteLossError
 from step_lightning.config import check_config, register_resolvers
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
+from step_lightning.core.files import write_json
 from step_lightning.flops import mean_gflops
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.models.factory import build_model, tokenizer_kind
-from step_lightning.utils import write_json
 
 
 def instantiate_group(group: DictConfig | None, exclude: tuple[str, ...] = (), name_suffix: str = "") -> list:
@@ -349,7 +349,7 @@ def use_hydra_ddp_command() -> None:
     subprocess_script._hydra_subprocess_cmd = hydra_ddp_command
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """CLI: the objective for Hydra sweepers (final val mIoU); user errors as one ``error:`` line."""
     use_hydra_ddp_command()

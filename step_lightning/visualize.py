@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from step_lightning.config import register_resolvers
+from step_lightning.core import PATCH_SIZE
 from step_lightning.inference import predict_padded
-from step_lightning.models.vit import PATCH_SIZE
 from step_lightning.tokens.layout import unshare
 
 BOUNDARY_RGB = (255, 230, 0)
@@ -172,7 +172,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="visualize")
+@hydra.main(version_base="1.3", config_path="conf", config_name="visualize")
 def main(cfg: DictConfig) -> None:
     visualize(cfg)
 

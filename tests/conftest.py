@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from step_lightning.config import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "step_lightning" / "conf"
 
 # A SegViT run that trains and validates in seconds on CPU: 2-layer ViT-Ti, 64 px, 16 train / 4 val scenes.
 # The method and policy are pinned so that changes of train.yaml's defaults do not change these tests.

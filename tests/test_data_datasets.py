@@ -15,8 +15,8 @@ from data_builders import (
 )
 from PIL import Image
 
+from step_lightning.core import ConfigError
 from step_lightning.data.ade20k import ADE20KDataModule
-from step_lightning.data.base import ConfigError
 from step_lightning.data.cityscapes import CityscapesDataModule
 from step_lightning.data.cocostuff import CocoStuff10kDataModule, CocoStuff164kDataModule
 from step_lightning.data.labels import CITYSCAPES_LABELIDS, COCO164K_LABELS

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.classes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,

@@ -6,8 +6,8 @@ import pytest
 from data_builders import REALDATA
 from PIL import Image
 
+from step_lightning.core import ConfigError
 from step_lightning.data.ade20k import ADE20KDataModule
-from step_lightning.data.base import ConfigError
 from step_lightning.data.cityscapes import CityscapesDataModule
 from step_lightning.data.cocostuff import CocoStuff164kDataModule
 from step_lightning.data.dataset import load_sample

@@ -10,7 +10,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from step_lightning.config import check_config
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.models.factory import build_encoder, build_model
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
 from step_lightning.models.vit import BACKBONES, backbone_spec

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.eval import evaluate
 from tests.conftest import TINY_RUN, compose_config, run_module, run_train
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.models.factory import build_model
 

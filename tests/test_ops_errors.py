@@ -8,7 +8,7 @@ import torch
 from step_lightning import train as train_mod
 from step_lightning.callbacks.durability import AtomicCheckpointIO, NonFiniteLossError
 from step_lightning.config import check_config
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from tests.conftest import REPO, TINY_RUN, compose_config, run_module, run_train
 
 MISTAKES = [

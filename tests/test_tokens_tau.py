@@ -1,6 +1,6 @@
 import pytest
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.tokens.tau import parse_tau
 
 PAPER_TAUS = (6999, 6899, 4999, 4899, 4799, 4699, 4599, 4499)

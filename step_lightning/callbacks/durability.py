@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from step_lightning.utils import atomic_write
+from step_lightning.core.files import atomic_write
 
 LAST = "last.ckpt"
 

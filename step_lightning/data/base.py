@@ -8,11 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-IGNORE_INDEX = 255
-
-
-class ConfigError(ValueError):
-    """A configuration or input mistake the user must fix; the message says how."""
+from step_lightning.core import IGNORE_INDEX, ConfigError
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int) -> int:

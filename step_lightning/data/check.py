@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from step_lightning.config import register_resolvers
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.dataset import load_sample
 from step_lightning.data.folders import Sample, find_pairs
 from step_lightning.data.module import FolderSegDataModule
@@ -110,7 +110,7 @@ def check_from_config(cfg: DictConfig) -> int:
     return 0 if run_check(dm, splits, int(cfg.threads)) else 1
 
 
-@hydra.main(config_path="../../conf", config_name="check", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="check", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     sys.exit(check_from_config(cfg))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from step_lightning.data.folders import LabelSource, Layout
 from step_lightning.data.labels import CITYSCAPES_LABELIDS, CITYSCAPES_TRAINIDS

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.folders import Sample
 from step_lightning.data.io import read_image, read_label
 from step_lightning.data.transforms import EvalTransform, TrainTransform

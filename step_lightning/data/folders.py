@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.data.labels import LabelMap
 
 _EXAMPLES = 3  # unpaired files quoted per error

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 
 # PIL raises SyntaxError for some broken PNG chunks and EOFError for cut-off files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)

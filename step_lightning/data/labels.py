@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from step_lightning.data.base import IGNORE_INDEX, ConfigError
+from step_lightning.core import IGNORE_INDEX, ConfigError
 
 INVALID = -1  # LUT entry for raw values a dataset never uses: seeing one means a wrong file or convention
 

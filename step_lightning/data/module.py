@@ -7,14 +7,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from step_lightning.data.base import IGNORE_INDEX, ConfigError, SegDataModule
+from step_lightning.core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ConfigError
+from step_lightning.data.base import SegDataModule
 from step_lightning.data.dataset import SegDataset
 from step_lightning.data.folders import Layout, Sample, discover
 from step_lightning.data.transforms import EvalTransform, TrainTransform
-
-# mmseg's ImageNet statistics on the 0..255 scale (the configs pass the backbone's own).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 class FolderSegDataModule(SegDataModule):

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from step_lightning.data.base import ConfigError, SegDataModule
+from step_lightning.core import ConfigError
+from step_lightning.data.base import SegDataModule
 
 SHAPES = ("disk", "box", "triangle", "ring", "diamond", "cross")
 TEXTURES = ("flat", "stripes", "checker", "dots")

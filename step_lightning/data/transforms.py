@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from albumentations.core.type_definitions import Targets
 
-from step_lightning.data.base import IGNORE_INDEX
+from step_lightning.core import IGNORE_INDEX
 
 
 def rescale_size(width: int, height: int, scale: Sequence[int]) -> tuple[int, int]:

@@ -37,7 +37,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     Tensors whose name and shape match are copied; the rest (new exit heads) keep their initialisation."""
     from pathlib import Path
 
-    from step_lightning.data.base import ConfigError
+    from step_lightning.core import ConfigError
 
     if not Path(path).is_file():
         raise ConfigError(f"init_from={path} does not exist; give a checkpoint of a previous run (e.g. last.ckpt).")

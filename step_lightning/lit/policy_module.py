@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAUROC, BinaryPrecision, BinaryRecall
 
-from step_lightning.data.base import IGNORE_INDEX
+from step_lightning.core import IGNORE_INDEX
 from step_lightning.lit.schedules import lr_factor
 from step_lightning.tokens.policy import PolicyNet, homogeneity_targets
 from step_lightning.tokens.tau import WINDOW_SIZES

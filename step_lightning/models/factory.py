@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from step_lightning.config import check_prune_heads
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
 from step_lightning.models.vit import ViTEncoder

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from step_lightning.data.base import ConfigError
-from step_lightning.models.vit import PATCH_SIZE, ViTEncoder
+from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.models.vit import ViTEncoder
 from step_lightning.tokens.embed import SupertokenEmbed
 from step_lightning.tokens.layout import TokenLayout, cts_k_for_grid, cts_layout, dcts_layout, unshare
 from step_lightning.tokens.policy import OraclePolicy, PolicyNet

@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from step_lightning.data.base import ConfigError
-
-PATCH_SIZE = 16
+from step_lightning.core import ConfigError
 
 
 @dataclass(frozen=True)

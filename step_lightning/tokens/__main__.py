@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.benchmark import sample_crops
 from step_lightning.config import register_resolvers
+from step_lightning.core.files import write_json
 from step_lightning.models.factory import build_tokenizer
 from step_lightning.models.tokenizer import patch_grid
 from step_lightning.tokens.layout import TOKEN_SIZES, identity_layout
 from step_lightning.tokens.stats import TokenStats
-from step_lightning.utils import write_json
 
 
 def format_table(stats: dict, title: str) -> str:
@@ -65,7 +65,7 @@ def token_stats(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="tokens")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="tokens")
 def main(cfg: DictConfig) -> None:
     token_stats(cfg)
 

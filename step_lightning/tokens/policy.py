@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from step_lightning.data.base import IGNORE_INDEX
+from step_lightning.core import IGNORE_INDEX
 from step_lightning.tokens.tau import WINDOW_SIZES
 
 LITE0_TENSORS = 296

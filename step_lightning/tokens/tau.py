@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from step_lightning.data.base import ConfigError
+from step_lightning.core import ConfigError
 
 WINDOW_SIZES = (2, 4, 8, 16)
 
