@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check step_lightning tests scripts
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for split, n in counts.items():
         print(f"wrote {n} pairs to {args.out / 'images' / split} and {args.out / 'annotations' / split}")
-    print(f"next: python -m step_lightning.data.check data=cocostuff10k data.root={args.out}")
+    print(f"next: python -m step_lightning.check_data data=cocostuff10k data.root={args.out}")
     return 0
 
 

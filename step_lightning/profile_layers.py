@@ -9,127 +9,26 @@ Time: forward pre/post hooks on the tokenizer, each block and each head, and wra
 CUDA (the syncs serialise the GPU, so per-layer times add up to more than an unprofiled forward).
 ``other`` = whole forward minus the timed parts (unsharing to the grid, canvas scatter, Python overhead).
 Median over ``repeats`` forwards per crop at batch 1, then averaged over crops. GFLOPs: fvcore's
-per-module counts of the same forward (layout computed outside the trace, as in the benchmark).
+per-module counts of the same forward (``step_lightning.measure.gflops``, the policy included).
 Writes profile.json, profile.md and profile.png in the run directory; last line ``profile: <json>``.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import hydra
 import torch
-from fvcore.nn import FlopCountAnalysis
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from step_lightning.benchmark import (
-    build_models,
-    fixed_layout,
-    resolve_device,
-    sample_crops,
-    synchronize,
-)
-from step_lightning.config import register_resolvers
+from step_lightning.cli import run_command
 from step_lightning.core.files import atomic_write_text, write_json
-from step_lightning.flops import EXTRA_HANDLES
-from step_lightning.models.tokenizer import SupertokenTokenizer
-
-
-def components(model: nn.Module) -> dict[str, nn.Module]:
-    """Timed modules in execution order, by display name (fvcore module path in ``module_paths``)."""
-    parts = {"tokenizer": model.tokenizer}
-    parts |= {f"block {i + 1}": block for i, block in enumerate(model.encoder.blocks)}
-    if hasattr(model, "heads"):
-        parts |= {f"exit head {i + 1} (L{layer})": model.heads[i] for i, layer in enumerate(model.prune_heads)}
-        parts["final head"] = model.heads[-1]
-    else:
-        parts["head"] = model.head
-    return parts
-
-
-def module_paths(model: nn.Module) -> dict[str, list[str]]:
-    """fvcore module paths per part; the tokenizer calls the encoder's patch embedding, counted there."""
-    names = {id(m): n for n, m in model.named_modules()}
-    paths = {label: [f"model.{names[id(m)]}"] for label, m in components(model).items()}
-    paths["tokenizer"].append("model.encoder.patch_embed")
-    return paths
-
-
-class Timer:
-    """Accumulates wall time per label for one forward; hooks and method wrappers feed it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.tokens: dict[str, int] = {}
-        self._start: dict[str, float] = {}
-
-    def begin(self, label: str) -> None:
-        synchronize(self.device)
-        self._start[label] = time.perf_counter()
-
-    def end(self, label: str) -> None:
-        synchronize(self.device)
-        self.seconds[label] += time.perf_counter() - self._start.pop(label)
-
-    def attach(self, model: nn.Module) -> list:
-        handles = []
-        for label, module in components(model).items():
-
-            def pre(_module, args, label=label):
-                x = args[0]
-                if isinstance(x, list):  # heads read a list of feature tensors
-                    self.tokens[label] = x[0].shape[1]
-                elif label.startswith("block"):
-                    self.tokens[label] = x.shape[1]
-                self.begin(label)
-
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(lambda *_, label=label: self.end(label)))
-        for attr, label in (("halt", "halting rule"), ("_compact", "token selection")):
-            if hasattr(model, attr):
-                setattr(model, attr, self.wrap(getattr(model, attr), label))
-        return handles
-
-    def wrap(self, method, label: str):
-        def timed(*args, **kwargs):
-            self.begin(label)
-            result = method(*args, **kwargs)
-            self.end(label)
-            return result
-
-        return timed
-
-
-class _Final(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, labels):
-        final = self.model(images, labels).outputs[-1]
-        return final["class_logits"], final["mask_logits"]
-
-
-def gflops_by_component(model: nn.Module, image: torch.Tensor, label: torch.Tensor) -> tuple[dict, float]:
-    """Per-component GFLOPs (plus 'other') and the total of one batch-1 forward."""
-    model.eval()
-    analysis = FlopCountAnalysis(_Final(model), (image, label)).set_op_handle(**EXTRA_HANDLES)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    tokenizer = model.tokenizer
-    with torch.no_grad():
-        if isinstance(tokenizer, SupertokenTokenizer):
-            with fixed_layout(tokenizer, tokenizer.layout(image, label)):
-                by_module, total = analysis.by_module(), analysis.total()
-        else:
-            by_module, total = analysis.by_module(), analysis.total()
-    result = {label: sum(by_module.get(p, 0) for p in paths) / 1e9 for label, paths in module_paths(model).items()}
-    result["other"] = total / 1e9 - sum(result.values())
-    return result, total / 1e9
+from step_lightning.lit.checkpoint import load_module
+from step_lightning.measure.inputs import sample_crops
+from step_lightning.measure.layers import Timer, components, gflops_by_component
+from step_lightning.measure.presets import build_models
+from step_lightning.measure.timing import resolve_device
 
 
 @torch.no_grad()
@@ -138,8 +37,11 @@ def profile(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     images, labels, names, datamodule = sample_crops(cfg)
-    checkpoints = {cfg.method: cfg.get("ckpt_path")}
-    model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index, checkpoints)[cfg.method]
+    if cfg.get("ckpt_path"):  # the trained model, rebuilt from its checkpoint alone
+        model = load_module(cfg.ckpt_path).model
+        model.force_halt = cfg.get("force_halt")
+    else:
+        model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
     flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
     model.to(device)
     timer = Timer(device)
@@ -239,9 +141,8 @@ def plot(report: dict, path: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="profile")
 def main(cfg: DictConfig) -> None:
-    profile(cfg)
+    run_command(profile, cfg)
 
 
 if __name__ == "__main__":
-    register_resolvers()
     main()

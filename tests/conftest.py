@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from step_lightning.config import register_resolvers
+from step_lightning.config.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "step_lightning" / "conf"

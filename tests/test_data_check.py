@@ -11,11 +11,12 @@ from data_builders import make_ade, make_cityscapes, random_label, write_label
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
+from step_lightning.check_data import check_from_config, check_split, run_check
 from step_lightning.data.ade20k import ADE20KDataModule
-from step_lightning.data.check import check_from_config, check_split, run_check
 from step_lightning.data.cityscapes import CityscapesDataModule
 
 REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "step_lightning" / "conf"
 
 
 def test_clean_dataset_reports_counts_and_classes(tmp_path, capsys):
@@ -52,7 +53,7 @@ def test_class_pixels_are_counted_in_train_ids(tmp_path):
 
 
 def compose(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return hydra_compose("check", overrides=list(overrides))
 
 
@@ -69,7 +70,7 @@ def test_config_entry_point(tmp_path, capsys):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    cmd = [sys.executable, "-m", "step_lightning.data.check", *args]
+    cmd = [sys.executable, "-m", "step_lightning.check_data", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
 
 

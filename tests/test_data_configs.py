@@ -6,9 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from step_lightning.config import register_resolvers
+from step_lightning.config.resolvers import register_resolvers
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "step_lightning" / "conf"
 EXPECTED = {
     "ade20k": ("ADE20KDataModule", 150, "ADEChallengeData2016", (2048, 512)),
     "cocostuff10k": ("CocoStuff10kDataModule", 171, "coco_stuff10k", (2048, 512)),
@@ -26,8 +26,8 @@ def test_data_config_builds_its_datamodule(name, crop, stride, monkeypatch):
         cfg = compose("train", overrides=[f"data={name}", f"crop_size={crop}", "backbone=vit_b"])
     cls, num_classes, folder, base_scale = EXPECTED[name]
     assert cfg.data.name == name and cfg.data.num_classes == num_classes
-    assert cfg.data.eval_mode == "slide" and cfg.data.eval_stride == stride
+    assert cfg.eval.mode == "slide" and cfg.eval.stride == stride and cfg.eval.crop == crop
     dm = instantiate(cfg.data)
     assert type(dm).__name__ == cls and dm.num_classes == num_classes == len(dm.class_names) == len(dm.palette)
     assert dm.root == Path("/datasets") / folder and dm.crop_size == crop and dm.base_scale == base_scale
-    assert dm.mean == tuple(cfg.backbone.mean) and dm.seed == cfg.seed and dm.eval_stride == stride
+    assert dm.mean == tuple(cfg.backbone.mean) and dm.seed == cfg.seed

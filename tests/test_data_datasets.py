@@ -122,11 +122,12 @@ def test_train_loader_is_reproducible_with_workers(tmp_path):
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
-def test_test_split_and_eval_defaults(tmp_path):
+def test_test_split_and_eval_dataloader(tmp_path):
     root = make_ade(tmp_path)
     dm = ADE20KDataModule(root, split="training", crop_size=768)
     dm.setup("test")
-    assert len(dm.test_dataloader()) == 3 and dm.eval_mode == "slide" and dm.eval_stride == 512
+    assert len(dm.test_dataloader()) == 3
+    assert len(dm.eval_dataloader()) == 3 and len(dm.eval_dataloader("validation")) == 2
 
 
 # ---- errors: each names the file or setting and the fix -------------------------------------------------
@@ -244,5 +245,3 @@ def test_config_mistakes():
         CityscapesDataModule("x", label_source="ids")
     with pytest.raises(ConfigError, match="num_classes: 150"):
         ADE20KDataModule("x", num_classes=151)
-    with pytest.raises(ConfigError, match="eval_mode"):
-        ADE20KDataModule("x", eval_mode="sliding")

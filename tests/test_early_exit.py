@@ -7,8 +7,10 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from step_lightning.flops import EXTRA_HANDLES, count_gflops
-from step_lightning.models.early_exit import EarlyExitSegmenter, ExitStats, forced_halting_mask, halting_mask
+from step_lightning.measure.gflops import EXTRA_HANDLES, count_gflops
+from step_lightning.metrics import ExitStats
+from step_lightning.models.early_exit import EarlyExitSegmenter
+from step_lightning.models.halting import forced_halting_mask, halting_mask
 from step_lightning.models.loss import ATMLoss
 from step_lightning.models.tokenizer import SupertokenTokenizer
 from step_lightning.models.vit import ViTEncoder

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from conftest import compose_config
 
+from step_lightning.config.model import build_model_from_config
 from step_lightning.data.synthetic import make_scene
-from step_lightning.flops import mean_gflops
-from step_lightning.models.factory import build_model
+from step_lightning.measure.gflops import mean_gflops
 
 
 def test_supertoken_methods_cost_less_than_segvit(tmp_path):
@@ -19,6 +19,6 @@ def test_supertoken_methods_cost_less_than_segvit(tmp_path):
     for method in ("segvit", "cts", "dcts"):
         cfg = compose_config([f"method={method}", "policy=oracle", "crop_size=128", "backbone.depth=2",
                               "backbone.taps=[1,2]"], output_dir=tmp_path)
-        gflops[method] = mean_gflops(build_model(cfg, 8), image, labels)
+        gflops[method] = mean_gflops(build_model_from_config(cfg, 8), image, labels)
     assert gflops["cts"] < gflops["segvit"]
     assert gflops["dcts"] < gflops["segvit"]

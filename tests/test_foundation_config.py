@@ -9,9 +9,10 @@ import torch
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from step_lightning.config import check_config
+from step_lightning.config.checks import check_config
+from step_lightning.config.model import build_model_from_config, model_spec
 from step_lightning.core import ConfigError
-from step_lightning.models.factory import build_encoder, build_model
+from step_lightning.models.factory import build_encoder
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
 from step_lightning.models.vit import BACKBONES, backbone_spec
 from tests.conftest import CONF_DIR, run_module
@@ -40,7 +41,7 @@ def test_backbone_options_compose_and_build(compose_cfg, option):
     spec = BACKBONES[option]
     assert cfg.backbone.name == option
     assert cfg.data.mean == cfg.backbone.mean  # normalisation follows the backbone
-    encoder = build_encoder(cfg.backbone, cfg.crop_size)
+    encoder = build_encoder(model_spec(cfg, num_classes=3, ignore_index=255))
     assert (encoder.embed_dim, encoder.depth, encoder.num_heads) == (spec.embed_dim, 1, spec.num_heads)
 
 
@@ -83,7 +84,7 @@ def test_callbacks_and_synthetic_data_instantiate(compose_cfg):
 def test_method_presets_build_and_run(compose_cfg, method, tokenizer):
     cfg = compose_cfg([f"method={method}", *TINY_MODEL])
     check_config(cfg)
-    model = build_model(cfg, num_classes=5).eval()
+    model = build_model_from_config(cfg, num_classes=5).eval()
     assert isinstance(model.tokenizer, tokenizer)
     if method != "segvit":
         assert model.tokenizer.mode == method
@@ -135,7 +136,7 @@ def test_unknown_backbone_names_the_choices(compose_cfg):
     with pytest.raises(ConfigError, match="vit_b"):
         check_config(cfg)
     with pytest.raises(ConfigError, match="vit_b"):
-        build_model(cfg, num_classes=3)
+        build_model_from_config(cfg, num_classes=3)
     with pytest.raises(MissingConfigException, match="vit_b"):  # Hydra lists the group's options
         compose_cfg(["backbone=vit_h"])
 
@@ -144,7 +145,7 @@ def test_unknown_backbone_names_the_choices(compose_cfg):
 def test_malformed_tau_raises_config_error(compose_cfg, tau):
     cfg = compose_cfg(["method=dcts", f"tau={tau}", *TINY_MODEL])
     with pytest.raises(ConfigError, match="four digits"):
-        build_model(cfg, num_classes=3)
+        build_model_from_config(cfg, num_classes=3)
 
 
 @pytest.mark.parametrize(
@@ -162,7 +163,7 @@ def test_prune_heads_checked_against_truncated_depth(compose_cfg):
     # depth 2: an exit after layer 2 would be the final head
     cfg = compose_cfg(["method=segvit", "prune_heads=[2]", *TINY_MODEL])
     with pytest.raises(ConfigError, match=r"within 1\.\.1"):
-        build_model(cfg, num_classes=3)
+        build_model_from_config(cfg, num_classes=3)
 
 
 @pytest.mark.parametrize("crop", [100, 0, -16])
@@ -179,7 +180,7 @@ def test_other_config_checks(compose_cfg):
     with pytest.raises(ConfigError, match="whole' or 'slide"):
         check_config(compose_cfg(["eval.mode=sliding", *SEGVIT]))
     with pytest.raises(ConfigError, match="tau"):
-        build_model(compose_cfg(["method=segvit", "tokenizer=dcts", *TINY_MODEL]), num_classes=3)
+        build_model_from_config(compose_cfg(["method=segvit", "tokenizer=dcts", *TINY_MODEL]), num_classes=3)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step_lightning.flops import count_gflops
+from step_lightning.measure.gflops import count_gflops
 from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.vit import BACKBONES, ViTEncoder
 from tests.conftest import run_module

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from step_lightning.inference import infer, slide_inference, window_starts
 from step_lightning.metrics import SegMetrics
+from step_lightning.models.inference import infer, slide_inference, window_starts
 from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.vit import ViTEncoder
 

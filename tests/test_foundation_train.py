@@ -93,20 +93,21 @@ def test_eval_errors(tmp_path, compose_cfg):
         evaluate(compose_cfg([f"ckpt_path={tmp_path}/missing.ckpt"], "eval"))
     bogus = tmp_path / "bogus.ckpt"
     torch.save({"weights": {}}, bogus)
-    with pytest.raises(ConfigError, match="not a Lightning checkpoint"):
+    with pytest.raises(ConfigError, match="not a segmenter checkpoint of step_lightning.train"):
         evaluate(compose_cfg([f"ckpt_path={bogus}", "method=segvit", "crop_size=32", "data.num_val=1"], "eval"))
 
 
 @pytest.mark.slow
-def test_eval_mismatched_model_is_a_config_error(tiny_run, tmp_path):
-    """Without a run config next to the checkpoint, a command line describing another model fails clearly."""
+def test_eval_rebuilds_the_model_from_the_checkpoint_alone(tiny_run, tmp_path):
+    """Without a run config next to the checkpoint, the model still comes from the checkpoint: a command line
+    describing another model changes nothing; a dataset with another class count fails clearly."""
     lone = tmp_path / "lone.ckpt"
     lone.write_bytes(Path(tiny_run["summary"]["checkpoint"]).read_bytes())
-    overrides = [f"ckpt_path={lone}", "method=segvit", "crop_size=64", "data.num_val=1"]  # full-depth ViT-Ti
-    with pytest.raises(ConfigError, match="does not match the model"):
-        evaluate(compose_config(overrides, "eval", tmp_path / "out"), overrides)
+    overrides = [f"ckpt_path={lone}", "method=step", "crop_size=64", "data.num_val=4"]  # full-depth ViT-Ti STEP
+    result = evaluate(compose_config(overrides, "eval", tmp_path / "out"), overrides)
+    assert result["mIoU"] == pytest.approx(tiny_run["summary"]["mIoU"], abs=1e-6)
     classes = [f"ckpt_path={lone}", *TINY_RUN, "data.num_classes=5"]
-    with pytest.raises(ConfigError, match="8 classes but the dataset has 5"):
+    with pytest.raises(ConfigError, match="trained for 8 classes but data=synthetic has 5"):
         evaluate(compose_config(classes, "eval", tmp_path / "out"), classes)
 
 

@@ -6,30 +6,32 @@ import pytest
 import torch
 from conftest import compose_config
 
+from step_lightning.config.model import build_model_from_config, model_spec
 from step_lightning.core import ConfigError
 from step_lightning.lit.module import SegmentationModule
-from step_lightning.models.factory import build_model
 
 TINY = ["method=step", "policy=oracle", "backbone.depth=3", "backbone.taps=[1,2,3]", "prune_heads=[1,2]",
         "crop_size=64"]
 
 
+def spec(tmp_path) -> dict:
+    return model_spec(compose_config(TINY, output_dir=tmp_path), num_classes=8, ignore_index=255).to_dict()
+
+
 def test_init_from_copies_every_matching_tensor(tmp_path):
-    phase1 = build_model(compose_config([*TINY, "prune_threshold=1.0"], output_dir=tmp_path), num_classes=8)
+    phase1 = build_model_from_config(compose_config([*TINY, "prune_threshold=1.0"], output_dir=tmp_path), num_classes=8)
     ckpt = tmp_path / "phase1.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in phase1.state_dict().items()}}, ckpt)
-    phase2 = build_model(compose_config(TINY, output_dir=tmp_path), num_classes=8)
-    SegmentationModule(phase2, num_classes=8, init_from=str(ckpt))
+    phase2 = SegmentationModule(spec(tmp_path), init_from=str(ckpt)).model
     for name, tensor in phase1.state_dict().items():
         assert torch.equal(phase2.state_dict()[name], tensor), name
     assert phase2.prune_threshold == 0.9
 
 
 def test_init_from_rejects_missing_or_foreign_checkpoints(tmp_path):
-    model = build_model(compose_config(TINY, output_dir=tmp_path), num_classes=8)
     with pytest.raises(ConfigError, match="does not exist"):
-        SegmentationModule(model, num_classes=8, init_from=str(tmp_path / "nope.ckpt"))
+        SegmentationModule(spec(tmp_path), init_from=str(tmp_path / "nope.ckpt"))
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"something.else": torch.zeros(3)}}, foreign)
     with pytest.raises(ConfigError, match="shares no weights"):
-        SegmentationModule(model, num_classes=8, init_from=str(foreign))
+        SegmentationModule(spec(tmp_path), init_from=str(foreign))

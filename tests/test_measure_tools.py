@@ -25,8 +25,8 @@ def test_benchmark_outputs_and_monotone_flops(tmp_path):
     from step_lightning.benchmark import benchmark
 
     methods = "methods=[segvit,cts,dcts@6899,{name:step1,method:step,prune_heads:[1],force_halt:0.5}]"
-    cfg = compose_config([*TINY, methods, "resolution=128", "num_images=2", "repeats=1"], "benchmark", tmp_path)
-    report = benchmark(cfg)
+    overrides = [*TINY, methods, "resolution=128", "num_images=2", "repeats=1"]
+    report = benchmark(compose_config(overrides, "benchmark", tmp_path), overrides)
     rows = report["methods"]
     assert list(rows) == ["segvit", "cts", "dcts@6899", "step1"]
     seg, dcts, step = rows["segvit"], rows["dcts@6899"], rows["step1"]
@@ -48,12 +48,11 @@ def test_benchmark_outputs_and_monotone_flops(tmp_path):
 
 
 def test_shared_weights_across_methods(tmp_path):
-    from step_lightning.benchmark import build_models, method_configs
+    from step_lightning.measure.presets import build_models, method_configs
 
-    cfg = compose_config(
-        [*TINY, "methods=[segvit,dcts,step]", "backbone.dtop_heads=[1]", "resolution=64"], "benchmark", tmp_path
-    )
-    models = build_models(method_configs(cfg), num_classes=8, ignore_index=255)
+    overrides = [*TINY, "methods=[segvit,dcts,step]", "backbone.dtop_heads=[1]", "resolution=64"]
+    cfg = compose_config(overrides, "benchmark", tmp_path)
+    models = build_models(method_configs("benchmark", overrides, cfg.methods, str(tmp_path)), 8, 255)
     seg, dcts, step = models.values()
     for key, value in seg.encoder.state_dict().items():
         assert torch.equal(value, dcts.encoder.state_dict()[key]) and torch.equal(value, step.encoder.state_dict()[key])
@@ -61,7 +60,7 @@ def test_shared_weights_across_methods(tmp_path):
 
 
 def test_tokens_cli_prints_table_and_last_line(tmp_path):
-    result = run_module("step_lightning.tokens", ["resolution=64", "data.num_val=3", "tau=6899"], tmp_path)
+    result = run_module("step_lightning.token_stats", ["resolution=64", "data.num_val=3", "tau=6899"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("tokens_mean=") and " reduction=" in lines[-1]

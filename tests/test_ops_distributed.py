@@ -12,8 +12,8 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from step_lightning.eval import evaluate
-from step_lightning.train import hydra_ddp_command
-from tests.conftest import REPO, TINY_RUN, compose_config
+from step_lightning.lit.ddp import hydra_ddp_command
+from tests.conftest import CONF_DIR, REPO, TINY_RUN, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_ddp_rank_command_replays_only_this_job(monkeypatch, tmp_path):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["prune_heads=[8,16]", "tau=4999"], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path / "3")
@@ -94,7 +94,7 @@ def test_sweep_configs_reproduce_the_papers_grids(tmp_path):
     assert tau.method == "dcts" and tau.backbone.name == "vit_l" and tau.data.name == "cocostuff10k"
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         tau_h = compose("train", overrides=["experiment=sweep_tau"], return_hydra_config=True).hydra
         heads_h = compose("train", overrides=["experiment=sweep_heads"], return_hydra_config=True).hydra
     assert str(tau_h.mode) == "RunMode.MULTIRUN"
@@ -110,7 +110,7 @@ def test_slurm_launcher_follows_the_trainer(tmp_path):
     from hydra import compose, initialize_config_dir
 
     overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

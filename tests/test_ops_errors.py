@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from step_lightning import train as train_mod
-from step_lightning.callbacks.durability import AtomicCheckpointIO, NonFiniteLossError
-from step_lightning.config import check_config
+from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
+from step_lightning.lit.callbacks.durability import AtomicCheckpointIO, NonFiniteLossError
 from tests.conftest import REPO, TINY_RUN, compose_config, run_module, run_train
 
 MISTAKES = [
@@ -30,7 +30,7 @@ def test_config_mistakes_stop_before_data_or_model(tmp_path, monkeypatch, overri
         raise AssertionError("data or model was built before the configuration was checked")
 
     monkeypatch.setattr(train_mod.hydra.utils, "instantiate", no_instantiate)
-    monkeypatch.setattr(train_mod, "build_module", no_instantiate)
+    monkeypatch.setattr(train_mod.SegmentationModule, "from_config", no_instantiate)
     with pytest.raises(ConfigError) as info:
         train_mod.train(cfg)
     assert message in str(info.value)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from step_lightning import train as train_mod
+from step_lightning.lit.loggers import wandb_offline_unless_logged_in
 from tests.conftest import TINY_RUN, compose_config, run_train
 
 WANDB_RUN = [*TINY_RUN, "logger=wandb", "trainer.log_every_n_steps=1", "tags=[smoke]"]
@@ -49,7 +49,7 @@ def test_no_api_key_means_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
     cfg = compose_config(WANDB_RUN, output_dir=tmp_path)
-    train_mod.wandb_offline_unless_logged_in(cfg)
+    wandb_offline_unless_logged_in(cfg)
     assert os.environ["WANDB_MODE"] == "offline"
     assert "logging offline" in capsys.readouterr().out
 

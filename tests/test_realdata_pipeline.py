@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import compose_config
 from data_builders import REALDATA
 
-from step_lightning.inference import infer
 from step_lightning.metrics import SegMetrics
+from step_lightning.models.inference import infer
 
 if not REALDATA.is_dir():
     pytest.skip(f"no real samples at {REALDATA}", allow_module_level=True)

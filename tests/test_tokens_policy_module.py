@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from step_lightning.lit.policy_module import PolicyModule, align_to_patches, load_policy, policy_losses
+from step_lightning.lit.policy_module import PolicyModule, align_to_patches, policy_losses
+from step_lightning.models.checkpoint import load_policy
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 

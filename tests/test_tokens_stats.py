@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
+from step_lightning.metrics import TokenStats
 from step_lightning.tokens.layout import identity_layout, layout_from_size_map
-from step_lightning.tokens.stats import TokenStats
 
 
 def layout_with(sizes_at):

@@ -29,7 +29,11 @@ class SegDataModule(L.LightningDataModule):
     ``batch_size`` is the global batch: each device loads ``batch_size / world_size``.
     """
 
+    name: str
     num_classes: int
+    crop_size: int
+    mean: Sequence[float]  # image normalisation on the 0..255 scale
+    std: Sequence[float]
     class_names: Sequence[str]
     palette: Sequence[Sequence[int]]
     ignore_index: int = IGNORE_INDEX
@@ -72,3 +76,12 @@ class SegDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def eval_dataloader(self, split: str | None = None) -> DataLoader:
+        """Every image of ``split`` (default: the validation split), in order, at ``val_batch_size``."""
+        return self._loader(self.eval_dataset(split), self.val_batch_size, False)
+
+    def eval_dataset(self, split: str | None = None) -> Dataset:
+        """The evaluation dataset of ``split``; datamodules with one evaluation set return their validation set."""
+        self.setup("validate")
+        return self.val_set

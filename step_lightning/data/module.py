@@ -18,8 +18,6 @@ class FolderSegDataModule(SegDataModule):
     """Train on ``train_split`` with mmseg's augmentation, validate on ``val_split``, test on ``split``.
 
     ``split`` (default: ``val_split``) is the split tools such as evaluation and the dataset checker use.
-    ``eval_mode`` / ``eval_stride`` are the slide-inference defaults for this dataset (stride: 2/3 of the
-    crop when not given).
     ``setup()`` lists and pairs the files of the splits it needs, so layout mistakes surface before
     training starts.
     """
@@ -43,8 +41,6 @@ class FolderSegDataModule(SegDataModule):
         scale_range: Sequence[float] = (0.5, 2.0),
         base_scale: Sequence[int] = (2048, 512),
         cat_max_ratio: float = 0.75,
-        eval_mode: str = "slide",
-        eval_stride: int | None = None,
         name: str | None = None,
         num_classes: int | None = None,
     ):
@@ -57,8 +53,6 @@ class FolderSegDataModule(SegDataModule):
                 f"data.num_classes={num_classes} but {self.name} has {self.num_classes} classes; "
                 f"set num_classes: {self.num_classes}."
             )
-        if eval_mode not in ("whole", "slide"):
-            raise ConfigError(f"data.eval_mode={eval_mode} must be 'whole' or 'slide'.")
         self.root = Path(root)
         self.train_split = train_split
         self.val_split = val_split
@@ -69,9 +63,6 @@ class FolderSegDataModule(SegDataModule):
         self.scale_range = tuple(float(r) for r in scale_range)
         self.base_scale = tuple(int(s) for s in base_scale)
         self.cat_max_ratio = float(cat_max_ratio)
-        self.eval_mode = eval_mode
-        # Same default as the configs' ${eval_stride:...} resolver (step_lightning.config).
-        self.eval_stride = int(eval_stride) if eval_stride is not None else self.crop_size * 2 // 3
         self.test_set: SegDataset | None = None
 
     def samples(self, split: str, split_key: str = "data.split") -> list[Sample]:
@@ -95,7 +86,8 @@ class FolderSegDataModule(SegDataModule):
         )
         return SegDataset(self.samples(self.train_split, "data.train_split"), transform, self._rank())
 
-    def eval_dataset(self, split: str, split_key: str = "data.split") -> SegDataset:
+    def eval_dataset(self, split: str | None = None, split_key: str = "data.split") -> SegDataset:
+        split = split or self.split
         return SegDataset(self.samples(split, split_key), EvalTransform(self.crop_size, self.mean, self.std))
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from step_lightning.core import ConfigError
+from step_lightning.core import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from step_lightning.data.base import SegDataModule
 
 SHAPES = ("disk", "box", "triangle", "ring", "diamond", "cross")
@@ -110,20 +110,20 @@ class SyntheticDataModule(SegDataModule):
         num_train: int = 512,
         num_val: int = 64,
         max_objects: int = 5,
-        mean=(123.675, 116.28, 103.53),
-        std=(58.395, 57.12, 57.375),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         batch_size: int = 8,
         val_batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
-        **_: object,
+        name: str = "synthetic",
     ):
         super().__init__(batch_size, val_batch_size, num_workers, seed)
         if num_classes < 3:
             raise ConfigError(f"data.num_classes={num_classes}: the synthetic scenes need >= 3 (sky, ground, objects)")
         if crop_size % 16:
             raise ConfigError(f"crop_size={crop_size} must be a multiple of 16 (the ViT patch size)")
-        self.crop_size, self.num_classes = crop_size, num_classes
+        self.name, self.crop_size, self.num_classes = name, crop_size, num_classes
         self.num_train, self.num_val, self.max_objects = num_train, num_val, max_objects
         self.mean, self.std = tuple(mean), tuple(std)
         self.class_names = ["sky", "ground"] + [

@@ -1,0 +1,1 @@
+"""Lightning modules, the orchestration of a run (policy phase, DDP, loggers, summary) and callbacks."""

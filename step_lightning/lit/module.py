@@ -1,4 +1,9 @@
-"""LightningModule training and evaluating a segmenter with the ATM loss."""
+"""LightningModule training and evaluating a segmenter with the ATM loss.
+
+The module builds its segmenter from a ``ModelSpec`` dict kept in its hyper-parameters, so a checkpoint
+rebuilds the model by itself (``SegmentationModule.load_from_checkpoint(path)``): the spec saved there no
+longer names the pretrained backbone or the ``init_from`` run, whose weights are already in the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,18 @@ from functools import partial
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from step_lightning.inference import infer
+from step_lightning.config.model import model_spec, policy_network
 from step_lightning.lit.schedules import lr_factor
-from step_lightning.metrics import SegMetrics
-from step_lightning.models.early_exit import ExitStats
+from step_lightning.metrics import ExitStats, SegMetrics, TokenStats
+from step_lightning.models.checkpoint import load_weights
+from step_lightning.models.factory import ModelSpec, build_model
+from step_lightning.models.inference import infer
 from step_lightning.models.loss import ATMLoss
 from step_lightning.tokens.layout import identity_layout
-from step_lightning.tokens.stats import TokenStats
+from step_lightning.tokens.policy import PolicyNet
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
@@ -32,31 +40,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
     ]
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Start from another run's weights, e.g. a no-exit model fine-tuned with halting (DToP's phase 2).
-    Tensors whose name and shape match are copied; the rest (new exit heads) keep their initialisation."""
-    from pathlib import Path
-
-    from step_lightning.core import ConfigError
-
-    if not Path(path).is_file():
-        raise ConfigError(f"init_from={path} does not exist; give a checkpoint of a previous run (e.g. last.ckpt).")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = {k.removeprefix("model."): v for k, v in state.get("state_dict", state).items()}
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ConfigError(f"init_from={path} shares no weights with this model; is it a step-lightning checkpoint?")
-    model.load_state_dict(matched, strict=False)
-    print(f"init_from: loaded {len(matched)}/{len(own)} tensors from {path}")
-
-
 class SegmentationModule(L.LightningModule):
     def __init__(
         self,
-        model: nn.Module,
-        num_classes: int,
-        ignore_index: int = 255,
+        model: dict,
         lr: float = 6e-5,
         weight_decay: float = 0.01,
         head_lr_mult: float = 10.0,
@@ -69,17 +56,52 @@ class SegmentationModule(L.LightningModule):
         eval_stride: int = 341,
         loss: dict | None = None,
         init_from: str | None = None,
+        policy: PolicyNet | None = None,
     ):
+        """``model``: a ``ModelSpec`` as a dict; ``policy``: the trained network of a dCTS/CTS tokenizer
+        (built untrained when absent: a checkpoint's state dict then fills it)."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        self.save_hyperparameters(ignore=["policy"])
+        spec = ModelSpec(**model)
+        self.model = build_model(spec, policy)
         if init_from:
-            load_weights(model, init_from)
-        self.criterion = ATMLoss(num_classes, ignore_index, **(loss or {}))
-        self.val_metrics = SegMetrics(num_classes, ignore_index)
+            loaded = load_weights(self.model, init_from, strict=False, key="init_from")
+            print(f"init_from: loaded {loaded.tensors}/{loaded.total} tensors from {init_from}")
+        self.criterion = ATMLoss(spec.num_classes, spec.ignore_index, **(loss or {}))
+        self.val_metrics = SegMetrics(spec.num_classes, spec.ignore_index)
         self.token_stats = TokenStats()
         self.exit_stats = ExitStats()
         self.last_val: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, num_classes: int, ignore_index: int, resuming: bool = False):
+        """The module a training config describes. ``resuming``: a ``policy=train`` run continues from a
+        checkpoint that holds the trained policy's weights, so the policy network starts untrained."""
+        spec = model_spec(cfg, num_classes, ignore_index)
+        policy = None if resuming and cfg.get("policy") == "train" else policy_network(cfg, spec)
+        return cls(
+            spec.to_dict(),
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            head_lr_mult=cfg.optim.head_lr_mult,
+            betas=tuple(cfg.optim.betas),
+            warmup_steps=cfg.optim.warmup_steps,
+            schedule=cfg.optim.schedule,
+            poly_power=cfg.optim.poly_power,
+            eval_mode=cfg.eval.mode,
+            eval_crop=cfg.eval.crop,
+            eval_stride=cfg.eval.stride,
+            loss=OmegaConf.to_container(cfg.loss),
+            init_from=cfg.get("init_from"),
+            policy=policy,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The weights of the pretrained backbone and of init_from are in the state dict: rebuilding must not
+        # read those files again.
+        hparams = checkpoint["hyper_parameters"]
+        hparams["model"] = {**hparams["model"], "pretrained": None}
+        hparams["init_from"] = None
 
     def forward(self, images: torch.Tensor):
         return self.model(images)

@@ -3,8 +3,8 @@
 ``PolicyModule`` learns one homogeneity logit per window and size from ``homogeneity_targets``:
 BCE per window size, windows marked 255 excluded, sizes summed. Random horizontal flip is the
 datamodule's job. Validation logs per-size precision / recall (at p > 0.5) and AUROC, plus the loss
-(``val/loss``, a good checkpoint monitor). ``load_policy(ckpt)`` returns the frozen PolicyNet from a
-Lightning checkpoint of this module, ready for the segmenter.
+(``val/loss``, a good checkpoint monitor). ``step_lightning.models.checkpoint.load_policy(ckpt)`` returns
+the frozen PolicyNet of a checkpoint of this module, ready for the segmenter.
 
 Defaults follow CTS's policy training (AdamW, lr 5e-5, weight decay 1e-3), with a cosine decay.
 """
@@ -22,6 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAUROC, BinaryPrecision, BinaryRecall
 
 from step_lightning.core import IGNORE_INDEX
+from step_lightning.core.resize import resize_labels
 from step_lightning.lit.schedules import lr_factor
 from step_lightning.tokens.policy import PolicyNet, homogeneity_targets
 from step_lightning.tokens.tau import WINDOW_SIZES
@@ -49,8 +50,7 @@ def align_to_patches(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Validation batches carry labels at the original resolution and images whose sides need not be
     multiples of 16: resize labels to the image (nearest), then crop both to whole 16-px patches."""
     h, w = images.shape[-2:]
-    if labels.shape[-2:] != (h, w):
-        labels = F.interpolate(labels.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0].long()
+    labels = resize_labels(labels, (h, w))
     h16, w16 = h - h % 16, w - w % 16
     return images[..., :h16, :w16], labels[..., :h16, :w16]
 
@@ -124,20 +124,3 @@ class PolicyModule(L.LightningModule):
         factor = partial(lr_factor, total_steps=total, warmup_steps=min(hp.warmup_steps, total // 2), schedule="cosine")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def load_policy(
-    ckpt_path: str,
-    map_location: str | torch.device = "cpu",
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> PolicyNet:
-    """Frozen PolicyNet (eval mode, no gradients) from a ``PolicyModule`` checkpoint.
-
-    ``mean``/``std`` override the input normalisation stored in the checkpoint, for a segmenter whose
-    images are normalised differently from the policy's training data (the policy's own mean = std =
-    127.5 mapping is unaffected). ImageNet weights are not read: the checkpoint has all weights.
-    """
-    overrides = {k: v for k, v in {"mean": mean, "std": std}.items() if v is not None}
-    module = PolicyModule.load_from_checkpoint(ckpt_path, map_location=map_location, pretrained=False, **overrides)
-    return module.policy.eval().requires_grad_(False)

@@ -22,52 +22,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from step_lightning.models.atm import ATMHead
-from step_lightning.models.segmenter import SegmenterOutput
-from step_lightning.models.tokenizer import PatchTokenizer, TokenBatch
+from step_lightning.models.base import SegmenterBase, SegmenterOutput
+from step_lightning.models.canvas import paint_active, paint_slots
+from step_lightning.models.halting import forced_halting_mask, halting_mask
+from step_lightning.models.tokenizer import TokenBatch
 from step_lightning.models.vit import ViTEncoder, key_mask_to_attn_mask
 
 
-def halting_mask(scores: torch.Tensor, valid: torch.Tensor, threshold: float, k: int = 5) -> torch.Tensor:
-    """DToP's halting rule. scores [B, K, N] (presence x sigmoid(mask logit)), valid [B, N] (tokens that
-    may halt: active, not padding) -> bool [B, N], True = halts now.
-
-    A valid token is a candidate when its confidence max_c score[c, t] exceeds ``threshold``; for every
-    class the ``min(k, count)`` most confident candidates predicted as that class stay as context, the
-    other candidates halt. Vectorised as a per-class top-k over a [B, K, N] matrix that holds each
-    candidate's confidence in the row of its predicted class only (-inf elsewhere).
-    """
-    num_classes, n = scores.shape[1], scores.shape[2]
-    conf, cls = scores.max(dim=1)
-    candidate = valid & (conf > threshold)
-    own_row = cls.unsqueeze(1) == torch.arange(num_classes, device=scores.device)[:, None]
-    ranked = torch.where(own_row & candidate.unsqueeze(1), scores, float("-inf"))
-    top = ranked.topk(min(k, n), dim=-1)
-    # A class with fewer than k candidates also returns -inf fillers (possibly other classes' tokens);
-    # scatter_add counts only real picks so duplicates cannot erase them.
-    picks = torch.isfinite(top.values).flatten(1).long()
-    keep = torch.zeros_like(conf, dtype=torch.long).scatter_add_(1, top.indices.flatten(1), picks) > 0
-    return candidate & ~keep
-
-
-def forced_halting_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Speed-study knob, not the method: halt exactly round(fraction x valid tokens) of each image's
-    valid tokens, the most confident ones (at least one token stays). Same shapes as ``halting_mask``."""
-    conf = torch.where(valid, scores.amax(dim=1), float("-inf"))
-    count = valid.sum(1)
-    halt_count = torch.minimum((fraction * count).round().long(), count - 1)
-    order = conf.argsort(dim=1, descending=True, stable=True)
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return valid & (rank < halt_count[:, None])
-
-
-class EarlyExitSegmenter(nn.Module):
+class EarlyExitSegmenter(SegmenterBase):
     """Tokenizer -> ViT cut at ``prune_heads`` with an exit ATM head after each stage -> final ATM head.
 
     ``prune_threshold`` (read at every forward) is the confidence above which tokens may halt; >= 1.0
@@ -94,15 +59,12 @@ class EarlyExitSegmenter(nn.Module):
         keep_top_k: int = 5,
         head_layers: int = 3,
     ):
-        super().__init__()
+        super().__init__(encoder, num_classes, tokenizer)
         heads = tuple(prune_heads)
         if not heads or list(heads) != sorted(set(heads)) or heads[0] < 1 or heads[-1] >= encoder.depth:
             raise ValueError(
                 f"prune_heads {list(heads)} must be increasing layer numbers within 1..{encoder.depth - 1}"
             )
-        self.encoder = encoder
-        self.tokenizer = tokenizer or PatchTokenizer()
-        self.num_classes = num_classes
         self.prune_heads = heads
         bounds = (0, *heads, encoder.depth)
         self.stages = list(zip(bounds[:-1], bounds[1:], strict=True))  # 0-indexed [start, end) block ranges
@@ -112,8 +74,15 @@ class EarlyExitSegmenter(nn.Module):
         )
         self.prune_threshold = prune_threshold
         self.keep_top_k = keep_top_k
-        self.force_halt: float | None = None
         self.bucket = 8
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        return self.prune_heads
+
+    @property
+    def final_head(self) -> nn.Module:
+        return self.heads[-1]
 
     @property
     def num_exits(self) -> int:
@@ -148,7 +117,7 @@ class EarlyExitSegmenter(nn.Module):
         """Static-shape execution (training): halted tokens are carried through unchanged and masked out
         as keys; every head runs on all positions with key mask = active. Gradients reach earlier heads
         through the canvas columns of the tokens they halted."""
-        tokens = self.tokenizer(images, self.encoder, labels)
+        tokens = self.tokenize(images, labels)
         x = tokens.x
         b, n = x.shape[:2]
         active = tokens.key_padding_mask
@@ -162,7 +131,7 @@ class EarlyExitSegmenter(nn.Module):
                 x = torch.where(active[..., None], block(x, attn_mask=attn_mask), x)
             out = self.heads[i]([x], active)[0]
             logits = out["mask_logits"]
-            canvas = logits if canvas is None else torch.where(active[:, None], logits, canvas)
+            canvas = paint_active(canvas, logits, active)
             outputs.append({"class_logits": out["class_logits"], "mask_logits": tokens.to_grid(canvas)})
             if i < self.num_exits:
                 halt = self.halt(i, out, active)
@@ -200,7 +169,7 @@ class EarlyExitSegmenter(nn.Module):
         size the next stage's tensors); none in blocks or heads. Batch 1 gives a plain shorter tensor;
         larger batches are padded to the longest survivor count rounded up to ``bucket``, with a key mask.
         """
-        tokens = self.tokenizer(images, self.encoder, labels)
+        tokens = self.tokenize(images, labels)
         x, live = tokens.x, tokens.key_padding_mask
         b, n = x.shape[:2]
         slot = torch.arange(n, device=x.device).expand(b, n)
@@ -218,10 +187,7 @@ class EarlyExitSegmenter(nn.Module):
                 active_after.append(active_count)
                 continue
             out = self.heads[i]([x], live)[0]
-            logits = out["mask_logits"]
-            if canvas is None:
-                canvas = logits.new_zeros(b, self.num_classes, n + 1)
-            canvas = canvas.scatter(2, slot[:, None].expand_as(logits), logits)
+            canvas = paint_slots(canvas, out["mask_logits"], slot, n)
             outputs.append({"class_logits": out["class_logits"], "mask_logits": tokens.to_grid(canvas[..., :n])})
             if is_exit:
                 may_halt = torch.ones_like(slot, dtype=torch.bool) if live is None else live
@@ -232,46 +198,3 @@ class EarlyExitSegmenter(nn.Module):
                 active_count = active_count - halted[-1]
                 active_after.append(active_count)
         return self._output(tokens, outputs, halted, active_after, halt_head=halt_head[:, :n])
-
-    def head_scores(self, output: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final scores: the final head's presence probabilities x sigmoid(canvas)."""
-        return self.heads[-1].semantic_scores(output["class_logits"], output["mask_logits"])
-
-    @torch.no_grad()
-    def predict(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, SegmenterOutput]:
-        """Per-class scores [B, K, H, W] (on the patch grid, upsampled bilinearly) and the forward's output."""
-        out = self(images, labels)
-        scores = self.head_scores(out.outputs[-1])
-        return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False), out
-
-
-class ExitStats(Metric):
-    """Tokens halted per exit head over a dataset (paper Table 7).
-
-    ``update(halted [B, E], tokens [B])`` with ``extras["halted"]`` and ``SegmenterOutput.tokens``;
-    ``compute()`` -> ``{"per_head": [{"halted_mean", "halted_max", "halted_min"}, ...] (one per exit),
-    "halted_fraction": halted tokens / all tokens}`` as Python floats. Raw per-image states are
-    concatenated across processes under DDP, so the result is exact.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("halted", default=[], dist_reduce_fx="cat")
-        self.add_state("tokens", default=[], dist_reduce_fx="cat")
-
-    def update(self, halted: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.halted.append(halted.long())
-        self.tokens.append(tokens.long())
-
-    def compute(self) -> dict:
-        halted = dim_zero_cat(self.halted).double()
-        tokens = dim_zero_cat(self.tokens).double()
-        per_head = [
-            {"halted_mean": h.mean().item(), "halted_max": h.max().item(), "halted_min": h.min().item()}
-            for h in halted.unbind(1)
-        ]
-        return {"per_head": per_head, "halted_fraction": (halted.sum() / tokens.sum().clamp(min=1)).item()}

@@ -1,76 +1,113 @@
-"""Builds the segmenter that a config describes (method presets resolve to tokenizer + exit heads)."""
+"""Builds a segmenter from explicit arguments (``ModelSpec``); the config adapter lives in step_lightning.config."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from dataclasses import asdict, dataclass, field
 
-from step_lightning.config import check_prune_heads
-from step_lightning.core import ConfigError
+from step_lightning.core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ConfigError
+from step_lightning.models.base import SegmenterBase
+from step_lightning.models.early_exit import EarlyExitSegmenter
 from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
-from step_lightning.models.vit import ViTEncoder
-from step_lightning.tokens.tau import parse_tau
+from step_lightning.models.vit import ViTEncoder, backbone_spec
+from step_lightning.tokens.policy import PolicyNet
+from step_lightning.tokens.tau import WINDOW_SIZES, parse_tau
+
+TOKENIZERS = ("patch", "cts", "dcts")
+POLICIES = ("oracle", "net")
+CTS_THRESHOLDS = (0.6, 0.8, 0.9, 0.9)  # unused by CTS's top-K rule; dCTS's defaults keep the tokenizer uniform
 
 
-def build_encoder(backbone: DictConfig, crop_size: int) -> ViTEncoder:
+@dataclass
+class ModelSpec:
+    """Everything that defines a segmenter's architecture: saved in checkpoints, so a model can be rebuilt
+    from its checkpoint alone (``ModelSpec(**saved)``).
+
+    tokenizer: patch (SegViT), cts (top-K 2x2 windows) or dcts (thresholds ``tau``, four digits).
+    policy: what scores windows for cts/dcts: ``oracle`` (ground-truth labels) or ``net`` (a PolicyNet,
+    passed to ``build_model`` or, when absent, built untrained for weights loaded afterwards).
+    prune_heads: 1-indexed layers followed by an exit head; () = no early exit (SegViT's cascaded head).
+    mean/std: the images' normalisation (0..255 scale), which the policy network undoes.
+    """
+
+    backbone: str
+    num_classes: int
+    img_size: int = 512
+    depth: int | None = None
+    drop_path_rate: float = 0.1
+    pretrained: str | None = None
+    taps: tuple[int, ...] | None = None
+    tokenizer: str = "patch"
+    tau: int | str | None = None
+    cts_k: int | None = None
+    policy: str = "oracle"
+    prune_heads: tuple[int, ...] = ()
+    prune_threshold: float = 0.9
+    keep_top_k: int = 5
+    head_layers: int = 3
+    ignore_index: int = IGNORE_INDEX
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    policy_sizes: tuple[int, ...] = field(default=WINDOW_SIZES)
+
+    def __post_init__(self):
+        for name in ("taps", "prune_heads", "mean", "std", "policy_sizes"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(value))
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"tokenizer={self.tokenizer} must be one of {', '.join(TOKENIZERS)}.")
+        if self.tokenizer == "dcts" and self.tau is None:
+            raise ConfigError("tokenizer=dcts needs merging thresholds: set tau, e.g. tau=6899.")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy} must be one of {', '.join(POLICIES)} in a model spec.")
+        check_prune_heads(self.prune_heads, self.depth or backbone_spec(self.backbone).depth)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_prune_heads(prune_heads, depth: int) -> tuple[int, ...]:
+    heads = tuple(prune_heads or ())
+    if any(not isinstance(h, int) or isinstance(h, bool) for h in heads):
+        raise ConfigError(f"prune_heads={list(heads)} must be a list of layer numbers, e.g. prune_heads=[8,16].")
+    if list(heads) != sorted(set(heads)):
+        raise ConfigError(f"prune_heads={list(heads)} must be strictly increasing, e.g. prune_heads=[8,16].")
+    if heads and not (1 <= heads[0] and heads[-1] < depth):
+        raise ConfigError(
+            f"prune_heads={list(heads)} must lie within 1..{depth - 1} (an exit after layer {depth}, the last one, "
+            "is the final head)."
+        )
+    return heads
+
+
+def build_encoder(spec: ModelSpec) -> ViTEncoder:
     return ViTEncoder(
-        backbone.name,
-        img_size=crop_size,
-        drop_path_rate=backbone.drop_path_rate,
-        pretrained=backbone.get("pretrained"),
-        depth=backbone.get("depth"),
+        spec.backbone,
+        img_size=spec.img_size,
+        drop_path_rate=spec.drop_path_rate,
+        pretrained=spec.pretrained,
+        depth=spec.depth,
     )
 
 
-def tokenizer_kind(cfg: DictConfig) -> str:
-    """'cts' when asked for; otherwise a tau selects dCTS; otherwise plain patches."""
-    kind = cfg.get("tokenizer", "patch")
-    if kind not in ("patch", "cts", "dcts"):
-        raise ConfigError(f"tokenizer={kind} must be one of patch, cts, dcts")
-    if kind == "patch" and cfg.get("tau") is not None:
-        return "dcts"
-    if kind == "dcts" and cfg.get("tau") is None:
-        raise ConfigError("tokenizer=dcts needs merging thresholds: set tau, e.g. tau=6899")
-    return kind
-
-
-def build_policy(cfg: DictConfig):
-    """None for the oracle, else the frozen trained policy from its checkpoint."""
-    policy = cfg.get("policy", "oracle")
-    if policy in (None, "oracle"):
-        return None
-    if policy == "train":
-        raise ConfigError(
-            "policy=train trains a policy at the start of a training run; here give a checkpoint "
-            "(policy=/path/to/policy/last.ckpt) or policy=oracle."
-        )
-    from pathlib import Path
-
-    from step_lightning.lit.policy_module import load_policy
-
-    if not Path(str(policy)).is_file():
-        raise ConfigError(
-            f"policy={policy} is neither 'oracle' nor an existing checkpoint; train one with "
-            "`python -m step_lightning.train task=policy` or use policy=oracle."
-        )
-    return load_policy(str(policy), mean=list(cfg.backbone.mean), std=list(cfg.backbone.std))
-
-
-def build_tokenizer(cfg: DictConfig, ignore_index: int = 255):
-    kind = tokenizer_kind(cfg)
-    if kind == "patch":
+def build_tokenizer(spec: ModelSpec, policy: PolicyNet | None = None):
+    if spec.tokenizer == "patch":
         return PatchTokenizer()
-    thresholds = parse_tau(cfg.tau) if kind == "dcts" else (0.6, 0.8, 0.9, 0.9)
-    return SupertokenTokenizer(kind, build_policy(cfg), thresholds, cfg.get("cts_k"), ignore_index)
+    if spec.policy == "net" and policy is None:
+        policy = PolicyNet(pretrained=False, sizes=spec.policy_sizes, input_mean=spec.mean, input_std=spec.std)
+    thresholds = parse_tau(spec.tau) if spec.tokenizer == "dcts" else CTS_THRESHOLDS
+    return SupertokenTokenizer(spec.tokenizer, policy if spec.policy == "net" else None, thresholds, spec.cts_k,
+                               spec.ignore_index)
 
 
-def build_model(cfg: DictConfig, num_classes: int, ignore_index: int = 255) -> Segmenter:
-    encoder = build_encoder(cfg.backbone, cfg.crop_size)
-    tokenizer = build_tokenizer(cfg, ignore_index)
-    prune_heads = check_prune_heads(cfg.get("prune_heads"), encoder.depth)
-    if prune_heads:
-        from step_lightning.models.early_exit import EarlyExitSegmenter
-
-        return EarlyExitSegmenter(encoder, num_classes, prune_heads, tokenizer, cfg.prune_threshold)
-    taps = tuple(t for t in cfg.backbone.taps if t <= encoder.depth)
-    return Segmenter(encoder, num_classes, taps, tokenizer)
+def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBase:
+    """The segmenter ``spec`` describes; ``policy`` drives a cts/dcts tokenizer when ``spec.policy='net'``."""
+    encoder = build_encoder(spec)
+    tokenizer = build_tokenizer(spec, policy)
+    if spec.prune_heads:
+        return EarlyExitSegmenter(encoder, spec.num_classes, spec.prune_heads, tokenizer, spec.prune_threshold,
+                                  spec.keep_top_k, spec.head_layers)
+    taps = spec.taps or backbone_spec(spec.backbone).taps
+    taps = tuple(t for t in taps if t <= encoder.depth)
+    return Segmenter(encoder, spec.num_classes, taps, tokenizer, spec.head_layers)

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.core.resize import resize_labels
 from step_lightning.models.vit import ViTEncoder
 from step_lightning.tokens.embed import SupertokenEmbed
-from step_lightning.tokens.layout import TokenLayout, cts_k_for_grid, cts_layout, dcts_layout, unshare
+from step_lightning.tokens.layout import TokenLayout, cts_k_for_grid, cts_layout, dcts_layout, identity_layout, unshare
 from step_lightning.tokens.policy import OraclePolicy, PolicyNet
 
 
@@ -49,6 +49,10 @@ def patch_grid(images: torch.Tensor) -> tuple[int, int]:
 
 class PatchTokenizer(nn.Module):
     """One token per 16x16 patch (SegViT)."""
+
+    def layout(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> TokenLayout:
+        """Every patch its own token (the layout supertoken tokenizers compute)."""
+        return identity_layout(images.shape[0], *patch_grid(images), device=images.device)
 
     def forward(self, images: torch.Tensor, encoder: ViTEncoder, labels: torch.Tensor | None = None) -> TokenBatch:
         grid = patch_grid(images)
@@ -97,9 +101,7 @@ class SupertokenTokenizer(nn.Module):
                 "policy=oracle reads ground-truth labels, which this call does not have; "
                 "give a trained policy checkpoint (policy=/path/to/policy.ckpt) to run without labels."
             )
-        if labels.shape[-2:] != images.shape[-2:]:
-            labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
-        return self.oracle(labels, grid)
+        return self.oracle(resize_labels(labels, images.shape[-2:]), grid)
 
     def layout(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> TokenLayout:
         grid = patch_grid(images)

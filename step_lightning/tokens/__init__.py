@@ -1,1 +1,1 @@
-"""dCTS / CTS token machinery: thresholds, layouts, supertoken embedding, policy, statistics."""
+"""dCTS / CTS token machinery: thresholds, layouts, supertoken embedding, policy network and targets."""

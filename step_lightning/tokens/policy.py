@@ -7,7 +7,6 @@ Public API
 ``PolicyNet(pretrained, ...)``    images -> {s: P(window homogeneous) [B, Hp//s, Wp//s]}, s = 2,4,8,16.
 ``homogeneity_targets(labels, grid)``  CTS's per-window training targets, 1 / 0 / 255 (excluded).
 ``OraclePolicy()``                labels -> scores from the targets (upper bound, benchmarks).
-``policy_gflops(height, width)``  fvcore GFLOPs of PolicyNet at one image size.
 """
 
 from __future__ import annotations
@@ -191,26 +190,3 @@ class OraclePolicy(nn.Module):
     def forward(self, labels: Tensor, grid: tuple[int, int]) -> dict[int, Tensor]:
         targets = homogeneity_targets(labels, grid, self.sizes, self.ignore_index)
         return {s: (t == 1).float() for s, t in targets.items()}
-
-
-class _TupleOutput(nn.Module):
-    """The jit tracer behind fvcore cannot return a dict with int keys."""
-
-    def __init__(self, policy: PolicyNet):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.policy(images).values())
-
-
-def policy_gflops(height: int, width: int, policy: PolicyNet | None = None) -> float:
-    """GFLOPs (fvcore convention: one multiply-add = one FLOP, as the paper reports) of one
-    PolicyNet forward on a [1, 3, height, width] image."""
-    from fvcore.nn import FlopCountAnalysis
-
-    net = (policy or PolicyNet(pretrained=False)).eval()
-    x = torch.zeros(1, 3, height, width, device=next(net.parameters()).device)
-    counter = FlopCountAnalysis(_TupleOutput(net), x)
-    counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return counter.total() / 1e9

@@ -1,6 +1,6 @@
 """Validate a dataset folder before training on it.
 
-    python -m step_lightning.data.check data=<name> data.root=<path> [data.split=<split>] [threads=8]
+    python -m step_lightning.check_data data=<name> data.root=<path> [data.split=<split>] [threads=8]
 
 Pairs every image with its label, reads every file with the loaders training uses, checks label values
 against the dataset's convention, prints per-split counts and the classes present, and ends with
@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from step_lightning.config import register_resolvers
+from step_lightning.cli import run_command
 from step_lightning.core import ConfigError
 from step_lightning.data.dataset import load_sample
 from step_lightning.data.folders import Sample, find_pairs
@@ -96,7 +96,6 @@ def run_check(dm: FolderSegDataModule, splits: list[str], threads: int = 8) -> b
 
 def check_from_config(cfg: DictConfig) -> int:
     """Exit status for a composed check config: 0 ok, 1 problems found, 2 the datamodule cannot be built."""
-    register_resolvers()
     with open_dict(cfg):  # the checker neither augments nor normalises: drop the backbone statistics
         for key in ("mean", "std"):
             if key in cfg.data:
@@ -110,9 +109,9 @@ def check_from_config(cfg: DictConfig) -> int:
     return 0 if run_check(dm, splits, int(cfg.threads)) else 1
 
 
-@hydra.main(config_path="../conf", config_name="check", version_base="1.3")
+@hydra.main(config_path="conf", config_name="check", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    sys.exit(check_from_config(cfg))
+    sys.exit(run_command(check_from_config, cfg))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Token statistics of a tokenizer over a dataset split (paper Table 2), without running the ViT.
 
-    python -m step_lightning.tokens data=cityscapes data.root=/work/shared/realdata/cityscapes \
+    python -m step_lightning.token_stats data=cityscapes data.root=/work/shared/realdata/cityscapes \
         data.split=train resolution=1024 tau=6899 policy=oracle [method=cts]
 
-Inputs are the benchmark's crops (``step_lightning.benchmark.sample_crops``): each image resized so its
+Inputs are the benchmark's crops (``step_lightning.measure.inputs.sample_crops``): each image resized so its
 short side is ``resolution``, label resized to it (nearest), then ``crop=tiles`` (default here: the
 non-overlapping window grid, clamped at the border; a 2048x1024 Cityscapes image gives two crops side by
 side, so the whole image is counted) or ``crop=center``. Prints a table of tokens per size (mean / max /
@@ -19,13 +19,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.benchmark import sample_crops
-from step_lightning.config import register_resolvers
+from step_lightning.cli import run_command
+from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core.files import write_json
+from step_lightning.measure.inputs import sample_crops
+from step_lightning.metrics import TokenStats
 from step_lightning.models.factory import build_tokenizer
-from step_lightning.models.tokenizer import patch_grid
-from step_lightning.tokens.layout import TOKEN_SIZES, identity_layout
-from step_lightning.tokens.stats import TokenStats
+from step_lightning.tokens.layout import TOKEN_SIZES
 
 
 def format_table(stats: dict, title: str) -> str:
@@ -43,14 +43,12 @@ def format_table(stats: dict, title: str) -> str:
 @torch.no_grad()
 def token_stats(cfg: DictConfig) -> dict:
     images, labels, names, datamodule = sample_crops(cfg)
-    tokenizer = build_tokenizer(cfg, datamodule.ignore_index).eval()
+    spec = model_spec(cfg, datamodule.num_classes, datamodule.ignore_index)
+    tokenizer = build_tokenizer(spec, policy_network(cfg, spec)).eval()
     stats = TokenStats()
     for start in range(0, len(images), cfg.batch_size):
         x, y = images[start : start + cfg.batch_size], labels[start : start + cfg.batch_size]
-        if hasattr(tokenizer, "layout"):
-            stats.update(tokenizer.layout(x, y))
-        else:  # plain patches: every cell is a token
-            stats.update(identity_layout(len(x), *patch_grid(x)))
+        stats.update(tokenizer.layout(x, y))
     result = stats.compute()
     setting = (
         f"{cfg.data.name} {cfg.data.get('split') or ''} {len(names)} crops {cfg.resolution}x{cfg.resolution} "
@@ -65,11 +63,10 @@ def token_stats(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tokens")
+@hydra.main(version_base="1.3", config_path="conf", config_name="tokens")
 def main(cfg: DictConfig) -> None:
-    token_stats(cfg)
+    run_command(token_stats, cfg)
 
 
 if __name__ == "__main__":
-    register_resolvers()
     main()

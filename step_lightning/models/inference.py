@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from step_lightning.core import PATCH_SIZE
+from step_lightning.core.resize import resize_labels
 
 
 def pad_to_patch_multiple(images: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,8 @@ def infer(
     """Class scores [B, K, *out_size], resized bilinearly to the label's resolution, and the list of model
     outputs of the forwards that produced them (one per window batch in 'slide' mode).
     ``labels`` feed the oracle policy only; they are resized (nearest) to the image if needed."""
-    if labels is not None and labels.shape[-2:] != images.shape[-2:]:
-        labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
+    if labels is not None:
+        labels = resize_labels(labels, images.shape[-2:])
     if mode == "whole":
         scores, out = predict_padded(model, images, labels)
         outs = [out]

@@ -7,20 +7,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from step_lightning.visualize import render_panels, save_png
-
-IMAGENET = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+from step_lightning.core.resize import resize_labels
+from step_lightning.measure.render import render_panels, save_png
+from step_lightning.models.base import SegmenterBase
 
 
 class VisualizationCallback(L.Callback):
     """The first ``num_images`` validation samples, drawn every ``every_n_validations`` validations (rank 0).
 
-    Needs ``pl_module.model.predict(images, labels)`` (the segmenters); other modules (the policy's) are
-    skipped. Samples are kept from the validation batches as they pass, at their own size, and re-run one
-    by one after the epoch, so the panels cost ``num_images`` extra forwards per drawn validation.
+    Draws segmenters (``SegmenterBase``); other modules (the policy's) are skipped. Samples are kept from
+    the validation batches as they pass, at their own size, and re-run one by one after the epoch, so the
+    panels cost ``num_images`` extra forwards per drawn validation.
     """
 
     def __init__(self, num_images: int = 4, every_n_validations: int = 1, key: str = "val/tokens_panel"):
@@ -36,7 +35,7 @@ class VisualizationCallback(L.Callback):
         return (
             trainer.is_global_zero
             and not trainer.sanity_checking
-            and hasattr(model, "predict")
+            and isinstance(model, SegmenterBase)
             and self.num_images > 0
             and self.validations % self.every_n_validations == 0
         )
@@ -59,18 +58,16 @@ class VisualizationCallback(L.Callback):
         if not active:
             return
         datamodule = trainer.datamodule
-        mean, std = getattr(datamodule, "mean", IMAGENET[0]), getattr(datamodule, "std", IMAGENET[1])
         figures = []
         for image, label, name in self.samples:
-            if label.shape != image.shape[1:]:  # validation labels may stay at the original resolution
-                label = F.interpolate(label[None, None].float(), size=image.shape[1:], mode="nearest")[0, 0].long()
+            label = resize_labels(label, image.shape[1:])  # validation labels may stay at the original size
             figures += render_panels(
                 pl_module.model,
                 image[None],
                 label[None],
                 datamodule.palette,
-                mean,
-                std,
+                datamodule.mean,
+                datamodule.std,
                 [f"step {trainer.global_step}: {name}"],
             )
         self.samples = []

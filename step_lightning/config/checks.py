@@ -1,48 +1,14 @@
-"""Config resolvers and the checks that run before any data or model is loaded."""
+"""The checks that run on a composed config before any data or model is loaded."""
 
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.models.factory import check_prune_heads
 from step_lightning.models.vit import backbone_spec
 from step_lightning.tokens.tau import parse_tau
-
-
-def default_eval_stride(crop: int) -> int:
-    """Sliding-window stride of the SegViT/mmseg test configs: two thirds of the crop (512 -> 341)."""
-    return int(crop) * 2 // 3
-
-
-def run_tags(*parts) -> list[str]:
-    """``${run_tags:${method},${backbone.name},${data.name},${tags}}``: the W&B tags of a run, the user's
-    ``tags`` list after method, backbone and dataset."""
-    tags = []
-    for part in parts:
-        tags.extend(str(t) for t in (part if isinstance(part, list | ListConfig) else [part]) if t is not None)
-    return list(dict.fromkeys(tags))
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("eval_stride"):
-        OmegaConf.register_new_resolver("eval_stride", default_eval_stride)
-    if not OmegaConf.has_resolver("run_tags"):
-        OmegaConf.register_new_resolver("run_tags", run_tags)
-
-
-def check_prune_heads(prune_heads, depth: int) -> tuple[int, ...]:
-    heads = tuple(prune_heads or ())
-    if any(not isinstance(h, int) or isinstance(h, bool) for h in heads):
-        raise ConfigError(f"prune_heads={list(heads)} must be a list of layer numbers, e.g. prune_heads=[8,16].")
-    if list(heads) != sorted(set(heads)):
-        raise ConfigError(f"prune_heads={list(heads)} must be strictly increasing, e.g. prune_heads=[8,16].")
-    if heads and not (1 <= heads[0] and heads[-1] < depth):
-        raise ConfigError(
-            f"prune_heads={list(heads)} must lie within 1..{depth - 1} (an exit after layer {depth}, the last one, "
-            "is the final head)."
-        )
-    return heads
 
 
 def world_size(trainer: DictConfig) -> int | None:

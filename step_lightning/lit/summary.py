@@ -1,0 +1,60 @@
+"""The run summary: what one validation measured, built in one place for ``train`` and ``eval``, written
+atomically with its path printed last."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from step_lightning.core import PATCH_SIZE
+from step_lightning.core.files import write_json
+from step_lightning.core.resize import resize_labels
+
+
+def validation_summary(val: dict, class_names: Sequence[str]) -> dict:
+    """``SegmentationModule.last_val`` -> scores, per-class IoU, token and exit statistics (JSON-ready)."""
+    token_stats = val["token_stats"]
+    return {
+        "mIoU": float(val["mIoU"]),
+        "aAcc": float(val["aAcc"]),
+        "per_class_IoU": dict(zip(class_names, val["IoU"].tolist(), strict=True)),
+        "tokens_per_image": token_stats["total"]["mean"],
+        "token_stats": token_stats,
+        "exit_stats": val["exit_stats"],
+    }
+
+
+def headline(summary: dict) -> str:
+    """One line of the figures users compare: mIoU, cost, tokens, halting."""
+    line = f"mIoU={summary['mIoU']:.2f} aAcc={summary['aAcc']:.2f}"
+    if summary.get("gflops") is not None:
+        line += f" gflops={summary['gflops']:.2f}"
+    line += f" tokens_per_image={summary['tokens_per_image']:.1f} reduction={summary['token_stats']['reduction']:.2f}x"
+    if summary["exit_stats"]:
+        line += f" halted_fraction={summary['exit_stats']['halted_fraction']:.3f}"
+    return line
+
+
+def sample_batch(datamodule, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few validation images (and labels, for an oracle policy) cropped to the model's input size, for the
+    per-image GFLOPs count (token counts, hence FLOPs, vary per image)."""
+    images, labels = [], []
+    for i in range(min(count, len(datamodule.val_set))):
+        sample = datamodule.val_set[i]
+        images.append(sample["image"])
+        labels.append(resize_labels(sample["label"], sample["image"].shape[1:]))
+    crop = min(datamodule.crop_size, *(img.shape[1] for img in images), *(img.shape[2] for img in images))
+    crop -= crop % PATCH_SIZE
+    return torch.stack([img[:, :crop, :crop] for img in images]), torch.stack([lab[:crop, :crop] for lab in labels])
+
+
+def write_summary(summary: dict, path: Path, line: str, label: str = "summary") -> dict:
+    """Write ``path`` atomically (rank 0 only), print ``line`` and then ``<label>: <path>`` last."""
+    if rank_zero_only.rank == 0:
+        write_json(path, summary)
+        print(line)
+        print(f"{label}: {path}")
+    return summary

@@ -1,0 +1,1 @@
+"""What the measurement commands share: inputs, method presets, GFLOPs, timing, memory, pictures, reports."""

@@ -1,0 +1,86 @@
+"""GFLOPs with fvcore, the one path for every number the project reports.
+
+One multiply-add = one FLOP (the paper's convention), batch 1, the whole forward traced: the policy network
+and the supertoken embedding included, attention matmuls counted (fvcore cannot see inside fused
+``scaled_dot_product_attention`` or ``nn.MultiheadAttention``'s fused kernel: the handles below count them).
+Content-dependent methods (supertokens, early exit) are counted per image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+
+def _shape(value) -> list[int]:
+    return value.type().sizes()
+
+
+def sdpa_flop_handle(inputs, outputs) -> int:
+    q, k, v = (_shape(x) for x in inputs[:3])
+    batch_heads = math.prod(q[:-2])
+    return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def native_mha_flop_handle(inputs, outputs) -> int:
+    """nn.MultiheadAttention's fused inference kernel: in-projections, two attention matmuls, out-projection."""
+    query, key = _shape(inputs[0]), _shape(inputs[1])
+    batch, length, dim = query
+    source = key[1]
+    projections = batch * (length + 2 * source) * dim * dim + batch * length * dim * dim
+    return projections + 2 * batch * length * source * dim
+
+
+EXTRA_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_flop_handle,
+    "aten::_native_multi_head_attention": native_mha_flop_handle,
+}
+
+
+class _TensorOutputs(torch.nn.Module):
+    """fvcore's JIT trace needs tensor outputs: a segmenter's final head output, a dict's values."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        out = self.module(*inputs)
+        if isinstance(out, dict):
+            return tuple(out.values())
+        final = out.outputs[-1]
+        return final["class_logits"], final["mask_logits"]
+
+
+@torch.no_grad()
+def count_gflops(module: torch.nn.Module, *inputs: torch.Tensor | None) -> dict:
+    """GFLOPs of one forward of ``module`` (a segmenter, or the policy network) on ``inputs`` (an image
+    [1, 3, H, W], and a label [1, H, W] that only an oracle policy reads), in eval mode: the total and
+    every submodule's share (``by_module``, dotted paths)."""
+    was_training = module.training
+    module.eval()
+    try:
+        inputs = tuple(x for x in inputs if x is not None)
+        analysis = FlopCountAnalysis(_TensorOutputs(module), inputs).set_op_handle(**EXTRA_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        by_module = {k.removeprefix("module."): v / 1e9 for k, v in analysis.by_module().items() if k}
+        unsupported = dict(analysis.unsupported_ops())
+        return {"gflops": analysis.total() / 1e9, "by_module": by_module, "unsupported": unsupported}
+    finally:
+        module.train(was_training)
+
+
+def gflops_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> list[float]:
+    """Batch-1 GFLOPs of each image [N,3,H,W] (token counts, hence FLOPs, vary per image)."""
+    return [
+        count_gflops(model, images[i : i + 1], None if labels is None else labels[i : i + 1])["gflops"]
+        for i in range(len(images))
+    ]
+
+
+def mean_gflops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Average batch-1 GFLOPs over images [N,3,H,W]."""
+    per_image = gflops_per_image(model, images, labels)
+    return sum(per_image) / len(per_image)

@@ -1,0 +1,58 @@
+"""Wall-clock measurement: device choice, synchronisation, interleaved timed passes, attention backend."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from step_lightning.core import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_passes(models: dict[str, nn.Module], batches: list, cfg: DictConfig, device) -> dict[str, list[float]]:
+    """Seconds per pass over all batches, per method; passes interleaved across methods."""
+    for model in models.values():
+        for _ in range(cfg.warmup):
+            for images, labels in batches:
+                model(images, labels)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(cfg.repeats):
+        for name, model in models.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for images, labels in batches:
+                model(images, labels)
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def sdpa_context(kind: str):
+    if kind == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if kind not in backends:
+        raise ConfigError(f"sdpa={kind} must be default or one of {sorted(backends)}.")
+    return sdpa_kernel(backends[kind])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

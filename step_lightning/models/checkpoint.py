@@ -1,0 +1,110 @@
+"""The one way weights come out of a checkpoint file: read, pick the model's tensors, load.
+
+``read_checkpoint`` turns unreadable files into one-line errors; ``load_weights`` loads a segmenter's
+tensors strictly (the default: every tensor must match) or, with ``strict=False``, copies only the tensors
+whose name and shape match (starting a new model from another run, e.g. DToP's phase 2 with new exit
+heads); ``load_policy`` rebuilds the frozen dCTS policy network of a policy-training checkpoint.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from step_lightning.core import ConfigError
+from step_lightning.tokens.policy import PolicyNet
+
+MODEL_PREFIX = "model."  # SegmentationModule keeps the segmenter under .model
+POLICY_PREFIX = "policy."  # PolicyModule keeps the network under .policy
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
+    """The checkpoint dict of ``path``; ``key`` names the option that gave it, for the error message."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}={path} does not exist; give a checkpoint of a previous run (e.g. last.ckpt).")
+    try:
+        # Our own runs' Lightning checkpoints hold hyper-parameters beyond plain tensors.
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise ConfigError(
+            f"{key}={path} is not a readable checkpoint ({type(err).__name__}); the file is truncated or corrupt: "
+            "use another checkpoint of the run (e.g. checkpoints/last.ckpt)."
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{key}={path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary.")
+    return checkpoint
+
+
+def model_state(checkpoint: dict, prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` of a Lightning checkpoint, prefix removed (plain state dicts as they are)."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if any(k.startswith(prefix) for k in state):
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@dataclass
+class Loaded:
+    checkpoint: dict  # the whole file: hyper-parameters, callbacks' states, ...
+    tensors: int  # tensors copied into the model
+    total: int  # tensors of the model
+
+
+def load_weights(
+    model: nn.Module, source: str | Path | dict, *, strict: bool = True, key: str = "ckpt_path"
+) -> Loaded:
+    """Load a step_lightning segmenter checkpoint (a path, or a dict ``read_checkpoint`` returned) into ``model``.
+
+    strict: every tensor of the model must be in the file with its shape, and nothing else (one-line error
+    naming how many differ and one example). Not strict: copy the tensors whose name and shape match and
+    keep the others' initialisation; at least one must match.
+    """
+    checkpoint = source if isinstance(source, dict) else read_checkpoint(source, key)
+    where = f"{key}={source}" if not isinstance(source, dict) else key
+    state = model_state(checkpoint)
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if strict:
+        missing = [k for k in own if k not in matched]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            reshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+            example = (reshaped or missing or unexpected)[0]
+            shape = f" (file {tuple(state[example].shape)}, model {tuple(own[example].shape)})" if reshaped else ""
+            raise ConfigError(
+                f"{where} does not fit this model: {len(missing)} tensors missing or of another shape, "
+                f"{len(unexpected)} unexpected (e.g. {example}{shape}); it was trained with another backbone, "
+                "method or dataset: use it with the settings it was trained with."
+            )
+    elif not matched:
+        raise ConfigError(f"{where} shares no weights with this model; is it a step-lightning checkpoint?")
+    model.load_state_dict(matched, strict=strict)
+    return Loaded(checkpoint, len(matched), len(own))
+
+
+def load_policy(path: str | Path, mean=None, std=None, key: str = "policy") -> PolicyNet:
+    """Frozen PolicyNet (eval mode, no gradients) from a policy-training checkpoint (``task=policy``).
+
+    ``mean``/``std`` set the input normalisation of the segmenter that feeds it (the checkpoint's own
+    otherwise). ImageNet weights are not read: the checkpoint has all weights.
+    """
+    checkpoint = read_checkpoint(path, key)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "sizes" not in hparams:
+        raise ConfigError(f"{key}={path} is not a policy checkpoint (task=policy or policy=train writes one).")
+    policy = PolicyNet(
+        pretrained=False,
+        sizes=hparams["sizes"],
+        input_mean=mean if mean is not None else hparams["mean"],
+        input_std=std if std is not None else hparams["std"],
+        neck_dim=hparams.get("neck_dim", 128),
+        hidden_dim=hparams.get("hidden_dim", 64),
+    )
+    policy.load_state_dict(model_state(checkpoint, POLICY_PREFIX))
+    return policy.eval().requires_grad_(False)
