@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from data_builders import (
+from PIL import Image
+
+from step_lightning.core import ConfigError
+from step_lightning.data.ade20k import ADE20KDataModule
+from step_lightning.data.cityscapes import CityscapesDataModule
+from step_lightning.data.cocostuff import CocoStuff10kDataModule, CocoStuff164kDataModule
+from step_lightning.data.labels import CITYSCAPES_LABELIDS, COCO164K_LABELS
+from tests.data_builders import (
     SIZE,
     make_ade,
     make_cityscapes,
@@ -13,13 +20,6 @@ from data_builders import (
     write_image,
     write_label,
 )
-from PIL import Image
-
-from step_lightning.core import ConfigError
-from step_lightning.data.ade20k import ADE20KDataModule
-from step_lightning.data.cityscapes import CityscapesDataModule
-from step_lightning.data.cocostuff import CocoStuff10kDataModule, CocoStuff164kDataModule
-from step_lightning.data.labels import CITYSCAPES_LABELIDS, COCO164K_LABELS
 
 CROP = 32
 

@@ -3,7 +3,6 @@
 import albumentations as A
 import numpy as np
 import pytest
-from data_builders import REALDATA
 from PIL import Image
 
 from step_lightning.core import ConfigError
@@ -12,6 +11,7 @@ from step_lightning.data.cityscapes import CityscapesDataModule
 from step_lightning.data.cocostuff import CocoStuff164kDataModule
 from step_lightning.data.dataset import load_sample
 from step_lightning.data.transforms import CatMaxRatioCrop, RandomRescale
+from tests.data_builders import REALDATA
 
 if not REALDATA.is_dir():
     pytest.skip(f"no real samples at {REALDATA}", allow_module_level=True)

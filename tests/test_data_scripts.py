@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import make_cityscapes, random_label, write_image
 from PIL import Image
 from scipy.io import savemat
 
 from step_lightning.data.cocostuff import CocoStuff10kDataModule
+from tests.data_builders import make_cityscapes, random_label, write_image
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

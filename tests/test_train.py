@@ -10,7 +10,7 @@ import torch
 
 from step_lightning.core import ConfigError
 from step_lightning.eval import evaluate
-from tests.conftest import TINY_RUN, compose_config, run_module, run_train
+from tests.helpers import TINY_RUN, compose_config, run_module, run_train
 
 
 @pytest.mark.parametrize("backbone", ["vit_t", "vit_s", "vit_b", "vit_l"])

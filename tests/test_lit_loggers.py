@@ -8,7 +8,7 @@ import os
 import pytest
 
 from step_lightning.lit.loggers import wandb_offline_unless_logged_in
-from tests.conftest import TINY_RUN, compose_config, run_train
+from tests.helpers import TINY_RUN, compose_config, run_train
 
 WANDB_RUN = [*TINY_RUN, "logger=wandb", "trainer.log_every_n_steps=1", "tags=[smoke]"]
 

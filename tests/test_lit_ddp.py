@@ -13,7 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from step_lightning.eval import evaluate
 from step_lightning.lit.ddp import hydra_ddp_command
-from tests.conftest import CONF_DIR, REPO, TINY_RUN, compose_config
+from tests.helpers import CONF_DIR, REPO, TINY_RUN, compose_config
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_RUN
+from tests.helpers import REPO, TINY_RUN
 
 MAX_STEPS = 40
 RUN = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import compose_config
 
 from step_lightning.config.model import build_model_from_config
 from step_lightning.data.synthetic import make_scene
 from step_lightning.measure.gflops import mean_gflops
+from tests.helpers import compose_config
 
 
 def test_supertoken_methods_cost_less_than_segvit(tmp_path):

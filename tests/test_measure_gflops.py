@@ -8,7 +8,7 @@ import torch
 from step_lightning.measure.gflops import count_gflops
 from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.vit import BACKBONES, ViTEncoder
-from tests.conftest import run_module
+from tests.helpers import run_module
 
 # (backbone, input side, classes, paper GFLOPs)
 PAPER_GFLOPS = [

@@ -15,9 +15,9 @@ from step_lightning.core import ConfigError
 from step_lightning.models.factory import build_encoder
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
 from step_lightning.models.vit import BACKBONES, backbone_spec
-from tests.conftest import CONF_DIR, run_module
+from tests.helpers import CONF_DIR, run_module
 
-TINY_MODEL = ["backbone.depth=2", "backbone.taps=[1,2]", "crop_size=64", "policy=oracle"]
+TINY_MODEL = ["debug=tiny", "policy=oracle"]
 # Pinned so that train.yaml's default method (with exit heads) does not enter checks that are about other things.
 SEGVIT = ["method=segvit", "policy=oracle"]
 

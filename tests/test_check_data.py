@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import make_ade, make_cityscapes, random_label, write_label
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from step_lightning.check_data import check_from_config, check_split, run_check
 from step_lightning.data.ade20k import ADE20KDataModule
 from step_lightning.data.cityscapes import CityscapesDataModule
+from tests.data_builders import make_ade, make_cityscapes, random_label, write_label
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "step_lightning" / "conf"

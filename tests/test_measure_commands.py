@@ -9,16 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import compose_config, run_module
+from tests.helpers import compose_config, run_module
 
-TINY = [
-    "backbone=vit_t",
-    "backbone.depth=2",
-    "backbone.taps=[1,2]",
-    "backbone.single_head=[1]",
-    "data.num_val=3",
-    "threads=1",
-]
+TINY = ["debug=tiny", "data.num_val=3", "threads=1"]
 
 
 def test_benchmark_outputs_and_monotone_flops(tmp_path):
@@ -144,7 +137,7 @@ def test_callback_writes_pngs_with_csv_logger(tmp_path):
 def test_collect_sweep_table(tmp_path):
     import importlib.util
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     spec = importlib.util.spec_from_file_location("collect_sweep", REPO / "scripts" / "collect_sweep.py")
     module = importlib.util.module_from_spec(spec)

@@ -9,7 +9,7 @@ from step_lightning import train as train_mod
 from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.callbacks.durability import AtomicCheckpointIO, NonFiniteLossError
-from tests.conftest import REPO, TINY_RUN, compose_config, run_module, run_train
+from tests.helpers import REPO, TINY_RUN, compose_config, run_module, run_train
 
 MISTAKES = [
     (["tau=69"], "tau=69 is not exactly four digits"),

@@ -6,17 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
-from data_builders import REALDATA
 
 from step_lightning.metrics import SegMetrics
 from step_lightning.models.inference import infer
+from tests.data_builders import REALDATA
+from tests.helpers import compose_config
 
 if not REALDATA.is_dir():
     pytest.skip(f"no real samples at {REALDATA}", allow_module_level=True)
 
-TINY_MODEL = ["backbone.depth=2", "backbone.taps=[1,2]", "logger=csv", "callbacks.progress_bar=null",
-              "data.num_workers=0", "data.batch_size=2"]
+TINY_MODEL = ["debug=tiny", "data.batch_size=2"]
 REAL_SETS = {
     "ade20k": [f"data.root={REALDATA}/ade20k/ADEChallengeData2016", "data.train_split=validation"],
     "cityscapes": [f"data.root={REALDATA}/cityscapes", "data.val_split=train"],

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
 
 from step_lightning.config.model import build_model_from_config, model_spec
 from step_lightning.core import ConfigError
 from step_lightning.lit.module import SegmentationModule
+from tests.helpers import compose_config
 
 TINY = ["method=step", "policy=oracle", "backbone.depth=3", "backbone.taps=[1,2,3]", "prune_heads=[1,2]",
         "crop_size=64"]
