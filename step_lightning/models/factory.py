@@ -19,6 +19,7 @@ def build_encoder(backbone: DictConfig, crop_size: int) -> ViTEncoder:
         drop_path_rate=backbone.drop_path_rate,
         pretrained=backbone.get("pretrained"),
         depth=backbone.get("depth"),
+        pretrained_file=backbone.get("pretrained_file"),
     )
 
 
