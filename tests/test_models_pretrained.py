@@ -292,6 +292,9 @@ def test_not_a_vit(tmp_path):
 
 def test_pretrained_file_errors(hub, tmp_path, src):
     one_line_error("does not exist", lambda: encoder(TAG, pretrained_file=str(tmp_path / "missing.safetensors")))
+    small = str(tmp_path / "vit_s.safetensors")
+    save_file(random_state("vit_small_patch16_384", depth=1), small)
+    one_line_error(f"pretrained_file={small} does not hold {TAG} weights", lambda: encoder(TAG, pretrained_file=small))
     file = str(tmp_path / "w.safetensors")
     save_file(src, file)
     one_line_error("set backbone.pretrained=<that tag>", lambda: encoder(None, pretrained_file=file))

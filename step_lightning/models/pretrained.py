@@ -69,6 +69,13 @@ def timm_pretrained(
             f"{option}={tag}: the weights are not in the Hugging Face cache and cannot be downloaded (offline?); "
             f"fetch them once with network (timm.create_model('{tag}', pretrained=True)){by_hand}."
         ) from err
+    except (RuntimeError, KeyError) as err:  # timm's strict load of a file by hand: size mismatches, missing keys
+        if not file:
+            raise
+        raise ConfigError(
+            f"{file_option}={file} does not hold {tag} weights in timm's layout ({type(err).__name__}); give that "
+            f"tag's file, or give the file alone as {option} (other architectures and mmseg files are read there)."
+        ) from err
 
 
 def vit_state_dict(
