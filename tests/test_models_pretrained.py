@@ -285,9 +285,15 @@ def test_checkpoint_of_another_architecture(tmp_path, fmt):
                    lambda: encoder(str(path)))  # fmt: skip
 
 
-def test_not_a_vit(tmp_path):
+class Meta:
+    """Stands for the objects training checkpoints pickle besides tensors (weights_only refuses them)."""
+
+
+def test_unreadable_files(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "cnn.pth")
     one_line_error("holds no ViT patch and position embedding", lambda: encoder(str(tmp_path / "cnn.pth")))
+    torch.save({"state_dict": {}, "meta": Meta()}, tmp_path / "pickled.pth")
+    one_line_error(r"weights_only=True\) \(objects besides tensors", lambda: encoder(str(tmp_path / "pickled.pth")))
 
 
 def test_pretrained_file_errors(hub, tmp_path, src):

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,8 +136,11 @@ def vit_state_dict(
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     try:  # timm's reader: torch or safetensors, unwraps state_dict / model (EMA first), strips DDP prefixes
         return load_state_dict(str(path), weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConfigError(f"{path} holds objects besides tensors; re-save only its state_dict (torch.save).") from err
+    except RuntimeError as err:  # pickled objects beyond tensors (timm re-raises torch's refusal), or a broken file
+        raise ConfigError(
+            f"backbone.pretrained={path} cannot be read by torch.load(weights_only=True) (objects besides tensors, "
+            "or a damaged file); re-save only its state_dict with torch.save."
+        ) from err
 
 
 def _read_npz(path: Path) -> dict[str, Tensor]:
