@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from step_lightning.config.checks import check_config
 from step_lightning.config.model import build_model_from_config, model_spec
 from step_lightning.core import ConfigError
+from step_lightning.models.backbones import BACKBONES, backbone_spec
 from step_lightning.models.factory import build_encoder
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
-from step_lightning.models.vit import BACKBONES, backbone_spec
 from tests.helpers import CONF_DIR, run_module
 
 TINY_MODEL = ["debug=tiny", "policy=oracle"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from step_lightning.measure.gflops import count_gflops
+from step_lightning.models.backbones import BACKBONES
 from step_lightning.models.segmenter import Segmenter
-from step_lightning.models.vit import BACKBONES, ViTEncoder
+from step_lightning.models.vit import ViTEncoder
 from tests.helpers import run_module
 
 # (backbone, input side, classes, paper GFLOPs)

