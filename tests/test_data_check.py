@@ -14,6 +14,7 @@ from hydra import initialize_config_dir
 from step_lightning.data.ade20k import ADE20KDataModule
 from step_lightning.data.check import check_from_config, check_split, run_check
 from step_lightning.data.cityscapes import CityscapesDataModule
+from tests.conftest import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def test_class_pixels_are_counted_in_train_ids(tmp_path):
 
 
 def compose(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return hydra_compose("check", overrides=list(overrides))
 
 
