@@ -1,6 +1,7 @@
 """Validate a dataset folder before training on it.
 
     python -m step_lightning.check_data data=<name> data.root=<path> [data.split=<split>] [threads=8]
+    python -m step_lightning.check_data data=folder data.root=<path> data.num_classes=<n>   # your own dataset
 
 Pairs every image with its label, reads every file with the loaders training uses, checks label values
 against the dataset's convention, prints per-split counts and the classes present, and ends with

@@ -78,3 +78,19 @@ def make_cityscapes(
                 write_label(gt / f"{name}_gtFine_labelTrainIds.png", CITYSCAPES_LABELIDS(ids, "test"))
             write_label(gt / f"{name}_gtFine_instanceIds.png", ids)  # present in real releases; must be ignored
     return root
+
+
+def make_folder(
+    base: Path,
+    splits: dict[str, int] | None = None,
+    values: tuple[int, ...] = (0, 1, 2),
+    image_dir: str = "images",
+    label_dir: str = "annotations",
+) -> Path:
+    """A user's dataset for data=folder: <root>/<image_dir>/<split>/img_<i>.jpg + <label_dir>/<split>/img_<i>.png."""
+    root = base / "mydata"
+    for split, n in (splits or {"training": 4, "validation": 2}).items():
+        for i in range(n):
+            write_image(root / image_dir / split / f"img_{i}.jpg", SIZE, seed=i)
+            write_label(root / label_dir / split / f"img_{i}.png", random_label(values, i))
+    return root

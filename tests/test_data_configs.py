@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from step_lightning.config.resolvers import register_resolvers
+from tests.helpers import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "step_lightning" / "conf"
 EXPECTED = {
     "ade20k": ("ADE20KDataModule", 150, "ADEChallengeData2016", (2048, 512)),
     "cocostuff10k": ("CocoStuff10kDataModule", 171, "coco_stuff10k", (2048, 512)),
@@ -22,7 +22,7 @@ EXPECTED = {
 def test_data_config_builds_its_datamodule(name, crop, stride, monkeypatch):
     monkeypatch.setenv("DATA_ROOT", "/datasets")
     register_resolvers()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"data={name}", f"crop_size={crop}", "backbone=vit_b"])
     cls, num_classes, folder, base_scale = EXPECTED[name]
     assert cfg.data.name == name and cfg.data.num_classes == num_classes

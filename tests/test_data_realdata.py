@@ -1,6 +1,5 @@
 """Real ADE20K / Cityscapes / COCO-Stuff-164k samples from ../shared/realdata, read in place (skipped if absent)."""
 
-import albumentations as A
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +9,7 @@ from step_lightning.data.ade20k import ADE20KDataModule
 from step_lightning.data.cityscapes import CityscapesDataModule
 from step_lightning.data.cocostuff import CocoStuff164kDataModule
 from step_lightning.data.dataset import load_sample
-from step_lightning.data.transforms import CatMaxRatioCrop, RandomRescale
+from step_lightning.data.transforms import CatMaxRatioCrop, Compose, HorizontalFlip, RandomRescale
 from tests.data_builders import REALDATA
 
 if not REALDATA.is_dir():
@@ -24,12 +23,10 @@ def raw(path) -> np.ndarray:
 def assert_geometry_aligned(label: np.ndarray, base_scale, crop: int, seed: int) -> None:
     """Resize/crop/flip the label both as an image (bilinear) and as a label (nearest): where the label
     is locally constant the two agree, so the image and label paths stay in register."""
-    geometry = A.Compose(
-        [RandomRescale(base_scale, (0.5, 2.0)), CatMaxRatioCrop(crop), A.HorizontalFlip(p=0.5)], seed=seed
-    )
+    geometry = Compose([RandomRescale(base_scale, (0.5, 2.0)), CatMaxRatioCrop(crop), HorizontalFlip(0.5)], seed=seed)
     as_image = np.repeat(label[..., None], 3, axis=-1)
-    out = geometry(image=as_image, mask=label)
-    image, mask = out["image"][..., 0], out["mask"]
+    image, mask = geometry(as_image, label)
+    image = image[..., 0]
     windows = np.lib.stride_tricks.sliding_window_view(np.pad(mask, 2, constant_values=254), (5, 5))
     interior = windows.min(axis=(-1, -2)) == windows.max(axis=(-1, -2))
     assert interior.mean() > 0.5

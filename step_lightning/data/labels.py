@@ -10,6 +10,10 @@ import numpy as np
 from step_lightning.core import IGNORE_INDEX, ConfigError
 
 INVALID = -1  # LUT entry for raw values a dataset never uses: seeing one means a wrong file or convention
+WRONG_FILES_FIX = (
+    "Check that data.root points at the right dataset and that the label files are the ones named in that "
+    "convention (regenerate or re-download this file)."
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -18,6 +22,7 @@ class LabelMap:
 
     lut: np.ndarray  # int16 [256]
     allowed: str  # the valid raw values, for error messages
+    fix: str = WRONG_FILES_FIX  # what to do about a file with other values
 
     def invalid_values(self, raw: np.ndarray) -> np.ndarray:
         """Sorted raw values in ``raw`` that the convention does not allow."""
@@ -38,9 +43,7 @@ class LabelMap:
         if bad.size:
             shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
             raise ConfigError(
-                f"{path}: label values {shown} are outside this dataset's convention ({self.allowed}). "
-                "Check that data.root points at the right dataset and that the label files are the "
-                "ones named in that convention (regenerate or re-download this file)."
+                f"{path}: label values {shown} are outside this dataset's convention ({self.allowed}). {self.fix}"
             )
         return self.lut[raw.astype(np.uint8)].astype(np.uint8)
 
@@ -57,6 +60,18 @@ def reduce_zero_label(max_raw: int, allowed: str) -> LabelMap:
     lut = _lut({0: IGNORE_INDEX})
     lut[1 : max_raw + 1] = np.arange(max_raw)
     return LabelMap(lut, allowed)
+
+
+def class_index_labels(num_classes: int, reduce_zero_label: bool, ignore_value: int, fix: str) -> LabelMap:
+    """Labels storing class indices 0..C-1, or 1..C with ``reduce_zero_label`` (then 0 is ignored as well);
+    ``ignore_value`` marks unlabeled pixels. ``ignore_value`` must not be a class's value."""
+    first = int(reduce_zero_label)
+    lut = _lut({0: IGNORE_INDEX} if reduce_zero_label else None)
+    lut[first : first + num_classes] = np.arange(num_classes)
+    lut[ignore_value] = IGNORE_INDEX
+    ignored = f"0 and {ignore_value}" if reduce_zero_label and ignore_value != 0 else str(ignore_value)
+    classes = f"{first}..{first + num_classes - 1} = classes 0..{num_classes - 1}" if first else f"0..{num_classes - 1}"
+    return LabelMap(lut, f"{classes}, {ignored} = ignore", fix)
 
 
 ADE20K_LABELS = reduce_zero_label(150, "ADEChallengeData2016 annotations: 0..150, 0 = other")

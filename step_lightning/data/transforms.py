@@ -1,22 +1,21 @@
 """mmsegmentation's standard segmentation pipelines on numpy arrays (RGB uint8 image, uint8 label).
 
 Training: RandomResize (keep ratio, ratio of a base scale) -> RandomCrop (cat_max_ratio) -> flip ->
-PhotoMetricDistortion -> Normalize -> Pad. albumentations supplies the steps whose semantics equal
-mmseg's (flip, normalise, pad); the others are small albumentations transforms written here, so the whole
-pipeline shares one seeded random state.
+PhotoMetricDistortion -> Normalize -> Pad. Each step is a callable ``(image, label, rng) -> (image, label)``;
+a ``Compose`` hands all of them its one seeded ``numpy.random.Generator``, so a pipeline is reproducible
+from its seed and reseedable per rank and worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
-from albumentations.core.type_definitions import Targets
 
 from step_lightning.core import IGNORE_INDEX
+
+Step = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def rescale_size(width: int, height: int, scale: Sequence[int]) -> tuple[int, int]:
@@ -25,34 +24,28 @@ def rescale_size(width: int, height: int, scale: Sequence[int]) -> tuple[int, in
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-class RandomRescale(A.DualTransform):
+class RandomRescale:
     """mmseg ``RandomResize(scale=base_scale, ratio_range, keep_ratio=True)``.
 
     r ~ U(ratio_range); target scale (int(long*r), int(short*r)); the image is resized bilinearly by
     min(target long / long side, target short / short side), the label with nearest neighbour.
     """
 
-    _targets = (Targets.IMAGE, Targets.MASK)
-
-    def __init__(self, base_scale: Sequence[int], ratio_range: Sequence[float], p: float = 1.0):
-        super().__init__(p=p)
+    def __init__(self, base_scale: Sequence[int], ratio_range: Sequence[float]):
         self.base_scale = tuple(base_scale)
         self.ratio_range = tuple(ratio_range)
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        ratio = self.random_generator.uniform(*self.ratio_range)
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        ratio = rng.uniform(*self.ratio_range)
         scale = (int(self.base_scale[0] * ratio), int(self.base_scale[1] * ratio))
-        return {"size": rescale_size(width, height, scale)}
-
-    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
-
-    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        size = rescale_size(image.shape[1], image.shape[0], scale)
+        return (
+            cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, size, interpolation=cv2.INTER_NEAREST),
+        )
 
 
-class CatMaxRatioCrop(A.DualTransform):
+class CatMaxRatioCrop:
     """mmseg ``RandomCrop(crop_size, cat_max_ratio)``.
 
     A uniformly placed crop (clipped to the image when the image is smaller) is accepted when, ignoring
@@ -60,18 +53,15 @@ class CatMaxRatioCrop(A.DualTransform):
     otherwise another is drawn, up to ``tries`` times, and the last one drawn is kept.
     """
 
-    _targets = (Targets.IMAGE, Targets.MASK)
-
     def __init__(self, size: int, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX, tries: int = 10):
-        super().__init__(p=1.0)
         self.size = size
         self.cat_max_ratio = cat_max_ratio
         self.ignore_index = ignore_index
         self.tries = tries
 
-    def _random_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        top = int(self.random_generator.integers(0, max(height - self.size, 0) + 1))
-        left = int(self.random_generator.integers(0, max(width - self.size, 0) + 1))
+    def _random_box(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        top = int(rng.integers(0, max(height - self.size, 0) + 1))
+        left = int(rng.integers(0, max(width - self.size, 0) + 1))
         return top, left, top + self.size, left + self.size
 
     def acceptable(self, crop: np.ndarray) -> bool:
@@ -80,21 +70,26 @@ class CatMaxRatioCrop(A.DualTransform):
         counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        mask = data["mask"]
-        box = self._random_box(*mask.shape[:2])
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        top, left, bottom, right = self._random_box(rng, *label.shape[:2])
         if self.cat_max_ratio < 1.0:
             for _ in range(self.tries):
-                if self.acceptable(mask[box[0] : box[2], box[1] : box[3]]):
+                if self.acceptable(label[top:bottom, left:right]):
                     break
-                box = self._random_box(*mask.shape[:2])
-        return {"box": box}
+                top, left, bottom, right = self._random_box(rng, *label.shape[:2])
+        return image[top:bottom, left:right], label[top:bottom, left:right]
 
-    def apply(self, img: np.ndarray, box: tuple[int, int, int, int], **params: Any) -> np.ndarray:
-        return img[box[0] : box[2], box[1] : box[3]]
 
-    def apply_to_mask(self, mask: np.ndarray, box: tuple[int, int, int, int], **params: Any) -> np.ndarray:
-        return mask[box[0] : box[2], box[1] : box[3]]
+class HorizontalFlip:
+    """Mirror image and label left-right with probability ``p`` (mmseg ``RandomFlip(prob=0.5)``)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if rng.random() < self.p:
+            return cv2.flip(image, 1), cv2.flip(label, 1)
+        return image, label
 
 
 def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -128,11 +123,12 @@ def photometric_distortion(
     return img
 
 
-class PhotoMetricDistortion(A.ImageOnlyTransform):
+class PhotoMetricDistortion:
     """mmseg ``PhotoMetricDistortion``: each step with p = 0.5; contrast before or after the HSV steps.
 
     RGB->HSV here equals mmseg's BGR->HSV on its BGR images. The hue shift is drawn like mmseg's
-    ``numpy.random.randint(-hue_delta, hue_delta)``, i.e. in [-hue_delta, hue_delta - 1].
+    ``numpy.random.randint(-hue_delta, hue_delta)``, i.e. in [-hue_delta, hue_delta - 1]. The label is
+    left as it is.
     """
 
     def __init__(
@@ -142,14 +138,13 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         saturation_range: Sequence[float] = (0.5, 1.5),
         hue_delta: int = 18,
     ):
-        super().__init__(p=1.0)
         self.brightness_delta = brightness_delta
         self.contrast_range = tuple(contrast_range)
         self.saturation_range = tuple(saturation_range)
         self.hue_delta = hue_delta
 
-    def get_params(self) -> dict[str, Any]:
-        rng = self.random_generator
+    def draw(self, rng: np.random.Generator) -> dict:
+        """The random arguments of ``photometric_distortion`` for one image."""
 
         def coin() -> bool:
             return bool(rng.integers(2))
@@ -162,12 +157,64 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
             "hue": int(rng.integers(-self.hue_delta, self.hue_delta)) if coin() else None,
         }
 
-    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        keys = ("brightness", "contrast", "contrast_first", "saturation", "hue")
-        return photometric_distortion(img, **{k: params[k] for k in keys})
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return photometric_distortion(image, **self.draw(rng)), label
 
 
-class TrainTransform:
+class Normalize:
+    """(image - mean) / std per channel as float32, looked up in a 256-entry table (images are uint8 RGB;
+    the lookup is an order of magnitude faster than the arithmetic)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        values = np.arange(256, dtype=np.float32)[:, None]
+        table = (values - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        self.table = table.reshape(256, 1, 3)  # one 3-channel entry per value, the layout cv2.LUT takes
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        return cv2.LUT(image, self.table)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.apply(image), label
+
+
+class PadToSize:
+    """Pad bottom and right up to ``size`` x ``size``: the image with 0, the label with ``ignore_index``.
+
+    mmseg pads after normalising, so padded pixels are 0 in normalised space.
+    """
+
+    def __init__(self, size: int, ignore_index: int = IGNORE_INDEX):
+        self.size = size
+        self.ignore_index = ignore_index
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        bottom, right = max(self.size - label.shape[0], 0), max(self.size - label.shape[1], 0)
+        if bottom or right:
+            image = np.pad(image, ((0, bottom), (0, right), (0, 0)))
+            label = np.pad(label, ((0, bottom), (0, right)), constant_values=self.ignore_index)
+        return image, label
+
+
+class Compose:
+    """Steps applied in order, all drawing from one generator seeded with ``seed``."""
+
+    def __init__(self, steps: Sequence[Step], seed: int = 0):
+        self.steps = list(steps)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+
+    def reseed(self, *entropy: int) -> None:
+        """Derive a fresh random stream from the base seed and e.g. (rank, worker seed)."""
+        state = np.random.SeedSequence([self.seed, *entropy]).generate_state(1)[0]
+        self.rng = np.random.default_rng(int(state))
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        for step in self.steps:
+            image, label = step(image, label, self.rng)
+        return image, label
+
+
+class TrainTransform(Compose):
     """(image uint8 RGB, label uint8) -> (normalised float32 [crop, crop, 3], uint8 [crop, crop])."""
 
     def __init__(
@@ -181,35 +228,15 @@ class TrainTransform:
         ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
     ):
-        self.seed = seed
-        self.compose = A.Compose(
-            [
-                RandomRescale(base_scale, scale_range),
-                CatMaxRatioCrop(crop_size, cat_max_ratio, ignore_index),
-                A.HorizontalFlip(p=0.5),
-                PhotoMetricDistortion(),
-                A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0),
-                # mmseg pads after normalising: padded pixels are 0 in normalised space, labels ignore.
-                A.PadIfNeeded(
-                    min_height=crop_size,
-                    min_width=crop_size,
-                    position="top_left",
-                    border_mode=cv2.BORDER_CONSTANT,
-                    fill=0,
-                    fill_mask=ignore_index,
-                ),
-            ],
-            seed=seed,
-        )
-
-    def reseed(self, *entropy: int) -> None:
-        """Derive a fresh random stream from the base seed and e.g. (rank, worker seed)."""
-        state = np.random.SeedSequence([self.seed, *entropy]).generate_state(1)[0]
-        self.compose.set_random_seed(int(state))
-
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.compose(image=image, mask=label)
-        return out["image"], out["mask"]
+        steps = [
+            RandomRescale(base_scale, scale_range),
+            CatMaxRatioCrop(crop_size, cat_max_ratio, ignore_index),
+            HorizontalFlip(0.5),
+            PhotoMetricDistortion(),
+            Normalize(mean, std),
+            PadToSize(crop_size, ignore_index),
+        ]
+        super().__init__(steps, seed)
 
 
 class EvalTransform:
@@ -218,7 +245,7 @@ class EvalTransform:
 
     def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]):
         self.crop_size = crop_size
-        self.normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0, p=1.0)
+        self.normalize = Normalize(mean, std)
 
     def reseed(self, *entropy: int) -> None:
         """Deterministic: nothing to seed."""
@@ -228,4 +255,4 @@ class EvalTransform:
         factor = self.crop_size / min(height, width)
         size = (int(width * factor + 0.5), int(height * factor + 0.5))
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        return self.normalize(image=image)["image"], label
+        return self.normalize.apply(image), label
