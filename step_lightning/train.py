@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import run_command
-from step_lightning.config.checks import check_config
+from step_lightning.config.checks import check_config, check_training_weights
 from step_lightning.config.model import tokenizer_kind
 from step_lightning.core import ConfigError
 from step_lightning.lit.callbacks.durability import LAST
@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> dict:
 def train_job(cfg: DictConfig) -> dict:
     start = time.time()
     check_config(cfg)
+    check_training_weights(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     resume = resume_path(cfg, output_dir) if cfg.task != "policy" else None

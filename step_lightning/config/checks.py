@@ -52,3 +52,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.mode={cfg.eval.mode} must be 'whole' or 'slide'.")
     if cfg.optim.schedule not in ("poly", "cosine"):
         raise ConfigError(f"optim.schedule={cfg.optim.schedule} must be 'poly' or 'cosine'.")
+
+
+def check_training_weights(cfg: DictConfig) -> None:
+    """A real dataset's recipe fine-tunes pretrained weights: starting from random ones is asked for explicitly."""
+    if cfg.get("task", "segment") == "segment" and cfg.data.get("name") != "synthetic" and not cfg.backbone.pretrained:
+        raise ConfigError(
+            f"data={cfg.data.name} would train a {cfg.backbone.name} from random weights; name pretrained weights "
+            "(backbone.pretrained=<timm tag or file>, e.g. vit_base_patch16_384.augreg_in21k_ft_in1k) or ask for "
+            "random ones on purpose with backbone.pretrained=none."
+        )

@@ -19,8 +19,19 @@ def run_tags(*parts) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def machine_precision() -> str:
+    """``${machine_precision:}``: bf16-mixed on GPUs that support it, 16-mixed on older GPUs, 32-true on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("eval_stride"):
         OmegaConf.register_new_resolver("eval_stride", default_eval_stride)
+    if not OmegaConf.has_resolver("machine_precision"):
+        OmegaConf.register_new_resolver("machine_precision", machine_precision)
     if not OmegaConf.has_resolver("run_tags"):
         OmegaConf.register_new_resolver("run_tags", run_tags)

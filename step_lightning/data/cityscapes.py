@@ -36,6 +36,7 @@ class CityscapesDataModule(FolderSegDataModule):
         val_split: str = "val",
         label_source: str = "auto",
         base_scale: tuple[int, int] = (2048, 1024),
+        eval_scale: tuple[int, int] | None = (2048, 1024),
         **kwargs: Any,
     ):
         if label_source not in LABEL_SOURCES:
@@ -43,7 +44,7 @@ class CityscapesDataModule(FolderSegDataModule):
                 f"data.label_source={label_source!r} is not one of {sorted(LABEL_SOURCES)}; use auto unless "
                 "you need to force one label file type."
             )
-        super().__init__(root, train_split, val_split, base_scale=base_scale, **kwargs)
+        super().__init__(root, train_split, val_split, base_scale=base_scale, eval_scale=eval_scale, **kwargs)
         self.label_source = label_source
         self.layout = Layout(
             dataset="Cityscapes",

@@ -40,6 +40,7 @@ class FolderSegDataModule(SegDataModule):
         std: Sequence[float] = IMAGENET_STD,
         scale_range: Sequence[float] = (0.5, 2.0),
         base_scale: Sequence[int] = (2048, 512),
+        eval_scale: Sequence[int] | None = None,
         cat_max_ratio: float = 0.75,
         name: str | None = None,
         num_classes: int | None = None,
@@ -62,6 +63,7 @@ class FolderSegDataModule(SegDataModule):
         self.std = tuple(float(s) for s in std)
         self.scale_range = tuple(float(r) for r in scale_range)
         self.base_scale = tuple(int(s) for s in base_scale)
+        self.eval_scale = tuple(int(s) for s in eval_scale) if eval_scale else None
         self.cat_max_ratio = float(cat_max_ratio)
         self.test_set: SegDataset | None = None
 
@@ -88,7 +90,8 @@ class FolderSegDataModule(SegDataModule):
 
     def eval_dataset(self, split: str | None = None, split_key: str = "data.split") -> SegDataset:
         split = split or self.split
-        return SegDataset(self.samples(split, split_key), EvalTransform(self.crop_size, self.mean, self.std))
+        transform = EvalTransform(self.crop_size, self.mean, self.std, self.eval_scale)
+        return SegDataset(self.samples(split, split_key), transform)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):

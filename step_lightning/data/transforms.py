@@ -240,11 +240,15 @@ class TrainTransform(Compose):
 
 
 class EvalTransform:
-    """Resize the image so its short side is ``crop_size`` (keep ratio, bilinear) and normalise it;
-    the label stays at the original resolution (evaluation is done there)."""
+    """mmseg's test ``Resize(scale, keep_ratio=True)``, bilinear, then normalise; the label stays at the
+    original resolution (evaluation is done there). ``scale`` None: the short side becomes ``crop_size``
+    (ADE20K / COCO-Stuff); Cityscapes keeps its full 2048x1024 with ``scale=(2048, 1024)``."""
 
-    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self, crop_size: int, mean: Sequence[float], std: Sequence[float], scale: Sequence[int] | None = None
+    ):
         self.crop_size = crop_size
+        self.scale = tuple(scale) if scale else None
         self.normalize = Normalize(mean, std)
 
     def reseed(self, *entropy: int) -> None:
@@ -252,7 +256,11 @@ class EvalTransform:
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         height, width = image.shape[:2]
-        factor = self.crop_size / min(height, width)
-        size = (int(width * factor + 0.5), int(height * factor + 0.5))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        if self.scale:
+            size = rescale_size(width, height, self.scale)
+        else:
+            factor = self.crop_size / min(height, width)
+            size = (int(width * factor + 0.5), int(height * factor + 0.5))
+        if size != (width, height):
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         return self.normalize.apply(image), label

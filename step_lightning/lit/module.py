@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from step_lightning.config.model import model_spec, policy_network
+from step_lightning.core import ConfigError
 from step_lightning.lit.schedules import lr_factor
 from step_lightning.metrics import ExitStats, SegMetrics, TokenStats
 from step_lightning.models.checkpoint import load_weights
@@ -25,14 +26,27 @@ from step_lightning.tokens.layout import identity_layout
 from step_lightning.tokens.policy import PolicyNet
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
-    """Encoder at lr, everything else (heads) at lr x head_lr_mult; no decay on norms, biases, embeddings."""
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float, rule: str = "timm"
+) -> list[dict]:
+    """AdamW groups: the encoder at ``lr``, everything else (the heads) at ``lr x head_lr_mult``.
+
+    rule ``timm``: no decay on 1-d tensors (norms, biases), the position embedding and the class queries.
+    rule ``segvit``: mmcv's ``custom_keys`` of SegViT's configs, first match wins in the order head, norm: every
+    head tensor (norms, biases and queries included) at x head_lr_mult **with** decay; backbone norms without
+    decay; backbone biases and the position embedding with decay.
+    """
+    if rule not in ("timm", "segvit"):
+        raise ConfigError(f"optim.param_groups={rule} must be 'timm' or 'segvit'.")
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_head = not name.startswith("encoder.")
-        no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "queries.weight"))
+        if rule == "segvit":
+            no_decay = not is_head and ".norm" in name
+        else:
+            no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "queries.weight"))
         groups.setdefault((is_head, no_decay), []).append(p)
     return [
         {"params": ps, "lr": lr * (head_lr_mult if is_head else 1.0), "weight_decay": 0.0 if no_decay else weight_decay}
@@ -47,6 +61,7 @@ class SegmentationModule(L.LightningModule):
         lr: float = 6e-5,
         weight_decay: float = 0.01,
         head_lr_mult: float = 10.0,
+        param_groups: str = "timm",
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 1500,
         schedule: str = "poly",
@@ -84,6 +99,7 @@ class SegmentationModule(L.LightningModule):
             lr=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay,
             head_lr_mult=cfg.optim.head_lr_mult,
+            param_groups=cfg.optim.param_groups,
             betas=tuple(cfg.optim.betas),
             warmup_steps=cfg.optim.warmup_steps,
             schedule=cfg.optim.schedule,
@@ -152,7 +168,8 @@ class SegmentationModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.lr, hp.weight_decay, hp.head_lr_mult), betas=hp.betas)
+        groups = param_groups(self.model, hp.lr, hp.weight_decay, hp.head_lr_mult, hp.param_groups)
+        optimizer = torch.optim.AdamW(groups, betas=hp.betas)
         total = int(self.trainer.estimated_stepping_batches)
         factor = partial(lr_factor, total_steps=total, warmup_steps=min(hp.warmup_steps, total // 2),
                          schedule=hp.schedule, power=hp.poly_power)

@@ -24,6 +24,16 @@ def crop_boxes(height: int, width: int, size: int, mode: str) -> list[tuple[int,
     raise ConfigError(f"crop={mode} must be 'center' or 'tiles'.")
 
 
+def short_side(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[3, H, W] resized bilinearly (keep ratio) so its short side is ``size`` (whatever the dataset's protocol)."""
+    height, width = image.shape[1:]
+    factor = size / min(height, width)
+    target = (int(height * factor + 0.5), int(width * factor + 0.5))
+    if target == (height, width):
+        return image
+    return F.interpolate(image[None], size=target, mode="bilinear", align_corners=False)[0]
+
+
 def sample_crops(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, list[str], object]:
     """Images [N, 3, R, R], aligned labels [N, R, R], crop names and the datamodule (palette, classes)."""
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -32,11 +42,9 @@ def sample_crops(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]
     images, labels, names = [], [], []
     for index in range(len(dataset)):
         sample = dataset[index]
-        image, label = sample["image"], sample["label"]
-        label = resize_labels(label, image.shape[1:])
+        image = short_side(sample["image"], size)
+        label = resize_labels(sample["label"], image.shape[1:])
         height, width = image.shape[1:]
-        if min(height, width) < size:
-            raise ConfigError(f"{sample.get('name', index)} is {width}x{height} px, smaller than resolution={size}.")
         for y, x in crop_boxes(height, width, size, cfg.crop):
             images.append(image[:, y : y + size, x : x + size])
             labels.append(label[y : y + size, x : x + size])

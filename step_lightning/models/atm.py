@@ -110,10 +110,14 @@ class ATMHead(nn.Module):
         num_layers: int = 3,
         dropout: float = 0.1,
         presence_only: bool = False,
+        num_heads: int | None = None,
     ):
+        """``num_heads``: attention heads of the decoder layers; None = one per 32 channels (SegViT)."""
         super().__init__()
         dim = dim or in_dim // 2
-        num_heads = max(1, dim // HEAD_DIM)
+        num_heads = num_heads or max(1, dim // HEAD_DIM)
+        if dim % num_heads:
+            raise ValueError(f"ATM head width {dim} is not divisible by {num_heads} attention heads")
         self.num_classes = num_classes
         self.presence_only = presence_only
         self.queries = nn.Embedding(num_classes, dim)

@@ -59,8 +59,8 @@ class SegmenterBase(nn.Module, abc.ABC):
     def predict(
         self, images: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, SegmenterOutput]:
-        """Per-class scores [B, K, H, W] (combined on the patch grid, then upsampled bilinearly) and the
-        forward's output, whose token counts and extras feed the statistics."""
+        """Per-class scores [B, K, H, W] (combined on the patch grid, then upsampled bilinearly, as DToP's
+        heads) and the forward's output, whose token counts and extras feed the statistics."""
         out = self(images, labels)
         scores = self.head_scores(out.outputs[-1])
         return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False), out

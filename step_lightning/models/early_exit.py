@@ -58,6 +58,7 @@ class EarlyExitSegmenter(SegmenterBase):
         prune_threshold: float = 0.9,
         keep_top_k: int = 5,
         head_layers: int = 3,
+        head_num_heads: int | None = None,
     ):
         super().__init__(encoder, num_classes, tokenizer)
         heads = tuple(prune_heads)
@@ -69,7 +70,8 @@ class EarlyExitSegmenter(SegmenterBase):
         bounds = (0, *heads, encoder.depth)
         self.stages = list(zip(bounds[:-1], bounds[1:], strict=True))  # 0-indexed [start, end) block ranges
         self.heads = nn.ModuleList(
-            ATMHead(encoder.embed_dim, num_classes, num_inputs=1, num_layers=head_layers, presence_only=True)
+            ATMHead(encoder.embed_dim, num_classes, num_inputs=1, num_layers=head_layers, presence_only=True,
+                    num_heads=head_num_heads)
             for _ in self.stages
         )
         self.prune_threshold = prune_threshold
@@ -93,8 +95,11 @@ class EarlyExitSegmenter(SegmenterBase):
 
     def halt(self, exit_index: int, head_out: dict[str, torch.Tensor], may_halt: torch.Tensor) -> torch.Tensor:
         """Tokens [B, N] that halt at this exit, from its head output; never differentiated."""
-        with torch.no_grad():
-            scores = self.heads[exit_index].semantic_scores(head_out["class_logits"], head_out["mask_logits"])
+        # Thresholds like 0.9 / 0.95 must not meet bf16-rounded scores: decide in fp32 under mixed precision.
+        with torch.no_grad(), torch.autocast(head_out["mask_logits"].device.type, enabled=False):
+            scores = self.heads[exit_index].semantic_scores(
+                head_out["class_logits"].float(), head_out["mask_logits"].float()
+            )
             if exit_index == 0 and self.force_halt is not None:
                 if not 0.0 <= self.force_halt < 1.0:
                     raise ValueError(f"force_halt={self.force_halt} must be a fraction in [0, 1) or None")

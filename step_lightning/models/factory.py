@@ -28,6 +28,8 @@ class ModelSpec:
     policy: what scores windows for cts/dcts: ``oracle`` (ground-truth labels) or ``net`` (a PolicyNet,
     passed to ``build_model`` or, when absent, built untrained for weights loaded afterwards).
     prune_heads: 1-indexed layers followed by an exit head; () = no early exit (SegViT's cascaded head).
+    exit_num_heads: attention heads of an early-exit model's ATM heads (DToP: 6 for ViT-B, 8 or 16 for ViT-L);
+    None = one per 32 channels, as SegViT.
     mean/std: the images' normalisation (0..255 scale), which the policy network undoes.
     """
 
@@ -47,6 +49,7 @@ class ModelSpec:
     prune_threshold: float = 0.9
     keep_top_k: int = 5
     head_layers: int = 3
+    exit_num_heads: int | None = None
     ignore_index: int = IGNORE_INDEX
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -110,7 +113,7 @@ def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBa
     tokenizer = build_tokenizer(spec, policy)
     if spec.prune_heads:
         return EarlyExitSegmenter(encoder, spec.num_classes, spec.prune_heads, tokenizer, spec.prune_threshold,
-                                  spec.keep_top_k, spec.head_layers)
+                                  spec.keep_top_k, spec.head_layers, spec.exit_num_heads)
     taps = spec.taps or backbone_spec(spec.backbone).taps
     taps = tuple(t for t in taps if t <= encoder.depth)
     return Segmenter(encoder, spec.num_classes, taps, tokenizer, spec.head_layers)

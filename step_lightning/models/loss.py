@@ -85,6 +85,12 @@ class ATMLoss(nn.Module):
         return focal, dice.sum() / num_masks
 
     def forward(self, outputs: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        # fp32 under mixed precision: focal and dice on upsampled bf16 logits lose the small terms.
+        with torch.autocast(labels.device.type, enabled=False):
+            return self._losses(outputs, labels)
+
+    def _losses(self, outputs: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = [{k: v.float() for k, v in out.items()} for out in outputs]
         present = present_classes(labels, self.num_classes, self.ignore_index)
         pairs = present.nonzero()  # the loss is off the inference path, so this sync is acceptable
         num_masks = global_mean_count(present.sum().float())

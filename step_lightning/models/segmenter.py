@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from step_lightning.models.atm import ATMHead
@@ -44,3 +45,14 @@ class Segmenter(SegmenterBase):
         outputs = self.head(feats[::-1], mask)  # deepest first
         outputs = [{**o, "mask_logits": tokens.to_grid(o["mask_logits"])} for o in outputs]
         return SegmenterOutput(outputs, tokens.counts, {"layout": tokens.layout})
+
+    @torch.no_grad()
+    def predict(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SegmenterOutput]:
+        """SegViT's inference order: the final mask logits are upsampled to the input size first, then
+        sigmoid and the class combination run per pixel (early-exit heads combine on the grid instead)."""
+        out = self(images, labels)
+        final = out.outputs[-1]
+        logits = F.interpolate(final["mask_logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head_scores({**final, "mask_logits": logits}), out
