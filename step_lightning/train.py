@@ -23,6 +23,7 @@ from step_lightning.cli import run_command
 from step_lightning.config.checks import check_config, check_training_weights
 from step_lightning.config.model import tokenizer_kind
 from step_lightning.core import ConfigError
+from step_lightning.core.files import read_json
 from step_lightning.lit.callbacks.durability import LAST
 from step_lightning.lit.ddp import job_distributed_scope, use_hydra_ddp_command
 from step_lightning.lit.loggers import finish_wandb, instantiate_group, log_final, wandb_offline_unless_logged_in
@@ -60,6 +61,48 @@ def train_job(cfg: DictConfig) -> dict:
     if cfg.policy == "train" and tokenizer_kind(cfg) != "patch" and not resume:
         policy_summary = train_policy(cfg, datamodule, output_dir)
         cfg.policy = policy_summary["checkpoint"]
+    phases = {}
+    if two_phases(cfg):
+        first = no_halting_phase(cfg, output_dir / NO_HALTING)
+        done = output_dir / NO_HALTING / "summary.json"
+        # Resumable: a finished first phase is kept; an interrupted one continues from its own last.ckpt.
+        phases[NO_HALTING] = read_json(done) if done.is_file() else fit_segmenter(
+            first, datamodule, resume_path(first, output_dir / NO_HALTING), policy_summary, start
+        )
+        cfg = halting_phase(cfg, phases[NO_HALTING]["checkpoint"])
+    return fit_segmenter(cfg, datamodule, resume, policy_summary, start, phases)
+
+
+NO_HALTING = "no_halting"  # the run's subfolder of DToP's first phase
+
+
+def two_phases(cfg: DictConfig) -> bool:
+    """DToP's recipe: exit heads trained without halting first, then fine-tuned with halting."""
+    return bool(cfg.prune_heads) and cfg.prune_threshold < 1.0 and cfg.get("halting_finetune_steps", 0) > 0
+
+
+def no_halting_phase(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    first = cfg.copy()
+    first.paths.output_dir = str(output_dir)
+    first.prune_threshold = 1.0
+    return first
+
+
+def halting_phase(cfg: DictConfig, checkpoint: str) -> DictConfig:
+    """Fine-tuning with halting from the first phase's best model, for ``halting_finetune_steps`` steps."""
+    second = cfg.copy()
+    second.init_from = checkpoint
+    second.trainer.max_steps = cfg.halting_finetune_steps
+    second.trainer.val_check_interval = min(cfg.trainer.val_check_interval, cfg.halting_finetune_steps)
+    return second
+
+
+def fit_segmenter(
+    cfg: DictConfig, datamodule, resume: Path | None, policy_summary: dict | None, start: float, phases=None
+) -> dict:
+    """Fit, validate the best checkpoint, write ``<cfg.paths.output_dir>/summary.json`` (with the summaries of
+    earlier ``phases``); returns the summary."""
+    output_dir = Path(cfg.paths.output_dir)
     module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, bool(resume))
     loggers = instantiate_group(cfg.get("logger"))
     try:
@@ -81,6 +124,7 @@ def train_job(cfg: DictConfig) -> dict:
             "steps": trainer.global_step,
             "policy": policy_summary,
             "config": OmegaConf.to_container(cfg, resolve=True),
+            **({"phases": phases} if phases else {}),
         }
         log_final(loggers, summary, trainer.global_step)
         return write_summary(summary, output_dir / "summary.json", headline(summary))

@@ -35,3 +35,21 @@ def test_init_from_rejects_missing_or_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {"something.else": torch.zeros(3)}}, foreign)
     with pytest.raises(ConfigError, match="shares no weights"):
         SegmentationModule(spec(tmp_path), init_from=str(foreign))
+
+
+def test_segvit_parameter_groups(tmp_path):
+    """mmcv custom_keys of SegViT: heads x10 with decay (norms, biases, queries too); backbone norms without decay;
+    backbone biases and the position embedding with decay."""
+    from step_lightning.lit.module import param_groups
+
+    model = SegmentationModule(spec(tmp_path)).model
+    groups = param_groups(model, lr=1.0, weight_decay=0.01, head_lr_mult=10.0, rule="segvit")
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert setting[id(named["heads.0.queries.weight"])] == (10.0, 0.01)
+    assert setting[id(named["heads.0.stages.0.input_norm.bias"])] == (10.0, 0.01)
+    assert setting[id(named["encoder.blocks.0.norm1.weight"])] == (1.0, 0.0)
+    assert setting[id(named["encoder.blocks.0.attn.qkv.bias"])] == (1.0, 0.01)
+    assert setting[id(named["encoder.pos_embed"])] == (1.0, 0.01)
+    timm_rule = param_groups(model, lr=1.0, weight_decay=0.01, head_lr_mult=10.0, rule="timm")
+    assert {id(p): g["weight_decay"] for g in timm_rule for p in g["params"]}[id(named["encoder.pos_embed"])] == 0.0

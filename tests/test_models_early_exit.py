@@ -10,6 +10,7 @@ from fvcore.nn import FlopCountAnalysis
 from step_lightning.measure.gflops import EXTRA_HANDLES, count_gflops
 from step_lightning.metrics import ExitStats
 from step_lightning.models.early_exit import EarlyExitSegmenter
+from step_lightning.models.factory import ModelSpec, build_model
 from step_lightning.models.halting import forced_halting_mask, halting_mask
 from step_lightning.models.loss import ATMLoss
 from step_lightning.models.tokenizer import SupertokenTokenizer
@@ -241,3 +242,21 @@ def test_exit_stats_from_model_output():
     stats = ExitStats()
     stats.update(out.extras["halted"], out.tokens)
     assert stats.compute()["per_head"][0] == {"halted_mean": 4.0, "halted_max": 4.0, "halted_min": 4.0}
+
+
+def test_exit_head_width_option():
+    model = build_model(ModelSpec("vit_t", num_classes=3, img_size=32, depth=2, prune_heads=(1,), exit_num_heads=6))
+    for head in model.heads:
+        assert head.stages[0].layers[0].cross_attn.num_heads == 6
+        assert head.stages[0].layers[0].self_attn.num_heads == 6
+
+
+def test_halting_decides_in_fp32_on_bf16_outputs():
+    """sigmoid(2.203125) = 0.9005 halts at 0.9 in fp32, but rounds to 0.8984 in bf16."""
+    model = build_model(ModelSpec("vit_t", num_classes=2, img_size=32, depth=2, prune_heads=(1,), keep_top_k=0))
+    class_logits = torch.tensor([[[10.0, -10.0], [-10.0, 10.0]]], dtype=torch.bfloat16)
+    mask_logits = torch.full((1, 2, 4), -10.0, dtype=torch.bfloat16)
+    mask_logits[0, 0] = 2.203125
+    head_out = {"class_logits": class_logits, "mask_logits": mask_logits}
+    halted = model.halt(0, head_out, torch.ones(1, 4, dtype=torch.bool))
+    assert halted.all()

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.core import ConfigError
+from step_lightning.core import PATCH_SIZE, ConfigError
 from step_lightning.models.base import SegmenterBase
 from step_lightning.models.checkpoint import load_policy
 from step_lightning.models.factory import TOKENIZERS, ModelSpec, build_model
 from step_lightning.tokens.policy import PolicyNet
+from step_lightning.tokens.tau import WINDOW_SIZES
 
 
 def tokenizer_kind(cfg: DictConfig) -> str:
@@ -29,7 +30,17 @@ def model_spec(cfg: DictConfig, num_classes: int, ignore_index: int) -> ModelSpe
     kind = tokenizer_kind(cfg)
     policy = "oracle" if kind == "patch" or cfg.get("policy", "oracle") in (None, "oracle") else "net"
     options = OmegaConf.to_container(cfg.model, resolve=True)
-    return ModelSpec(**options, num_classes=num_classes, tokenizer=kind, policy=policy, ignore_index=ignore_index)
+    sizes, head = policy_architecture(kind, cfg.crop_size)
+    return ModelSpec(**options, num_classes=num_classes, tokenizer=kind, policy=policy, ignore_index=ignore_index,
+                     policy_sizes=sizes, policy_head=head)
+
+
+def policy_architecture(kind: str, crop_size: int) -> tuple[tuple[int, ...], str]:
+    """The policy network's window sizes and head: CTS scores 2x2 windows with one 1x1 conv; dCTS every size
+    with a window inside the crop (a head for a size that never fits would get no gradient), MLP heads."""
+    if kind == "cts":
+        return (2,), "linear"
+    return tuple(s for s in WINDOW_SIZES if s * PATCH_SIZE <= crop_size), "mlp"
 
 
 def policy_network(cfg: DictConfig, spec: ModelSpec) -> PolicyNet | None:

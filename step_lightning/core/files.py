@@ -47,5 +47,9 @@ def to_jsonable(value):
     return value
 
 
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False))

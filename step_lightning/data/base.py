@@ -77,6 +77,18 @@ class SegDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def policy_dataloader(self, size: int | None, batch_size: int, world_size: int = 1) -> DataLoader:
+        """Training batches for the dCTS policy: whole images resized to ``size`` x ``size`` with flips (CTS's
+        recipe), or the segmenter's augmented crops when ``size`` is None; ``batch_size`` is global."""
+        self.setup("fit")
+        dataset = self.train_set if size is None else self.whole_image_dataset(size)
+        return self._loader(dataset, per_device_batch_size(batch_size, world_size), True)
+
+    def whole_image_dataset(self, size: int) -> Dataset:
+        """The training images whole at ``size`` x ``size``; datamodules of whole scenes return their train set."""
+        self.setup("fit")
+        return self.train_set
+
     def eval_dataloader(self, split: str | None = None) -> DataLoader:
         """Every image of ``split`` (default: the validation split), in order, at ``val_batch_size``."""
         return self._loader(self.eval_dataset(split), self.val_batch_size, False)

@@ -239,6 +239,25 @@ class TrainTransform(Compose):
         super().__init__(steps, seed)
 
 
+class ResizeTo:
+    """Image bilinear and label nearest to ``size`` x ``size``, aspect ratio not kept (CTS's policy data)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.size, self.size)
+        return (cv2.resize(image, shape, interpolation=cv2.INTER_LINEAR),
+                cv2.resize(label, shape, interpolation=cv2.INTER_NEAREST))
+
+
+class WholeImageTransform(Compose):
+    """CTS's policy training data: the whole image resized to ``size`` x ``size``, flipped, normalised."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], seed: int = 0):
+        super().__init__([ResizeTo(size), HorizontalFlip(0.5), Normalize(mean, std)], seed)
+
+
 class EvalTransform:
     """mmseg's test ``Resize(scale, keep_ratio=True)``, bilinear, then normalise; the label stays at the
     original resolution (evaluation is done there). ``scale`` None: the short side becomes ``crop_size``

@@ -6,7 +6,7 @@ datamodule's job. Validation logs per-size precision / recall (at p > 0.5) and A
 (``val/loss``, a good checkpoint monitor). ``step_lightning.models.checkpoint.load_policy(ckpt)`` returns
 the frozen PolicyNet of a checkpoint of this module, ready for the segmenter.
 
-Defaults follow CTS's policy training (AdamW, lr 5e-5, weight decay 1e-3), with a cosine decay.
+Defaults follow CTS's policy training (AdamW, lr 5e-5, weight decay 1e-3); ``schedule`` cosine or constant (CTS).
 """
 
 from __future__ import annotations
@@ -68,13 +68,15 @@ class PolicyModule(L.LightningModule):
         warmup_steps: int = 0,
         neck_dim: int = 128,
         hidden_dim: int = 64,
+        head: str = "mlp",
+        schedule: str = "cosine",
     ):
         """``mean``/``std``: the datamodule's image normalisation (0-255 scale), so the policy can
         undo it; the segmenter must feed images normalised the same way."""
         super().__init__()
         self.save_hyperparameters()
         self.sizes = tuple(sizes)
-        self.policy = PolicyNet(pretrained, self.sizes, mean, std, neck_dim, hidden_dim)
+        self.policy = PolicyNet(pretrained, self.sizes, mean, std, neck_dim, hidden_dim, head)
         self.val_metrics = nn.ModuleDict(
             {
                 str(s): MetricCollection(
@@ -121,6 +123,7 @@ class PolicyModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        factor = partial(lr_factor, total_steps=total, warmup_steps=min(hp.warmup_steps, total // 2), schedule="cosine")
+        factor = partial(lr_factor, total_steps=total, warmup_steps=min(hp.warmup_steps, total // 2),
+                         schedule=hp.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from step_lightning.config.model import policy_architecture, tokenizer_kind
 from step_lightning.lit.loggers import finish_wandb, instantiate_group
 from step_lightning.lit.policy_module import PolicyModule
 
@@ -17,8 +18,12 @@ from step_lightning.lit.policy_module import PolicyModule
 def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
     """Train the dCTS policy network on the datamodule's labels; returns its checkpoint and metrics."""
     pcfg = cfg.policy_train
+    sizes, head = policy_architecture(tokenizer_kind(cfg), cfg.crop_size)
     module = PolicyModule(
         pretrained=pcfg.pretrained,
+        sizes=sizes,
+        head=head,
+        schedule=pcfg.schedule,
         mean=list(cfg.backbone.mean),
         std=list(cfg.backbone.std),
         ignore_index=datamodule.ignore_index,
@@ -37,11 +42,16 @@ def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
         callbacks=[checkpoint, *instantiate_group(cfg.get("callbacks"), exclude=("model_checkpoint",))],
         logger=loggers or False,
     )
+    datamodule.trainer = trainer  # the datamodule reads the world size and rank from it
+    batch_size = pcfg.get("batch_size") or datamodule.batch_size
+    train_loader = datamodule.policy_dataloader(pcfg.get("whole_image_size"), batch_size, trainer.world_size)
+    datamodule.setup("validate")
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=datamodule.val_dataloader())
     finally:
         finish_wandb(loggers)  # the segmenter's training is a separate W&B run
     best = checkpoint.best_model_path or checkpoint.last_model_path
-    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    metrics = trainer.validate(module, dataloaders=datamodule.val_dataloader(), ckpt_path=best or None,
+                               verbose=False)[0]
     print("policy: " + " ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())))
     return {"checkpoint": best, "metrics": metrics, "steps": trainer.global_step}

@@ -1,4 +1,4 @@
-"""Per-step learning-rate factors: linear warm-up, then poly or cosine decay."""
+"""Per-step learning-rate factors: linear warm-up, then poly or cosine decay, or constant."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "p
         decay = (1 - progress) ** power
     elif schedule == "cosine":
         decay = 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "constant":
+        decay = 1.0
     else:
-        raise ValueError(f"unknown schedule '{schedule}': use 'poly' or 'cosine'")
+        raise ValueError(f"unknown schedule '{schedule}': use 'poly', 'cosine' or 'constant'")
     return min_ratio + (1 - min_ratio) * decay

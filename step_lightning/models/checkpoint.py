@@ -105,6 +105,7 @@ def load_policy(path: str | Path, mean=None, std=None, key: str = "policy") -> P
         input_std=std if std is not None else hparams["std"],
         neck_dim=hparams.get("neck_dim", 128),
         hidden_dim=hparams.get("hidden_dim", 64),
+        head=hparams.get("head", "mlp"),
     )
     policy.load_state_dict(model_state(checkpoint, POLICY_PREFIX))
     return policy.eval().requires_grad_(False)

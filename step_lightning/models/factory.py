@@ -54,6 +54,7 @@ class ModelSpec:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     policy_sizes: tuple[int, ...] = field(default=WINDOW_SIZES)
+    policy_head: str = "mlp"
 
     def __post_init__(self):
         for name in ("taps", "prune_heads", "mean", "std", "policy_sizes"):
@@ -101,7 +102,8 @@ def build_tokenizer(spec: ModelSpec, policy: PolicyNet | None = None):
     if spec.tokenizer == "patch":
         return PatchTokenizer()
     if spec.policy == "net" and policy is None:
-        policy = PolicyNet(pretrained=False, sizes=spec.policy_sizes, input_mean=spec.mean, input_std=spec.std)
+        policy = PolicyNet(pretrained=False, sizes=spec.policy_sizes, input_mean=spec.mean, input_std=spec.std,
+                           head=spec.policy_head)
     thresholds = parse_tau(spec.tau) if spec.tokenizer == "dcts" else CTS_THRESHOLDS
     return SupertokenTokenizer(spec.tokenizer, policy if spec.policy == "net" else None, thresholds, spec.cts_k,
                                spec.ignore_index)

@@ -76,10 +76,15 @@ class PolicyNet(nn.Module):
         input_std: Sequence[float] = (1.0, 1.0, 1.0),
         neck_dim: int = 128,
         hidden_dim: int = 64,
+        head: str = "mlp",
     ):
+        """``head``: ``mlp`` (dCTS, every size in ``sizes``) or ``linear`` (CTS's: one 1x1 conv on the backbone
+        features scoring the 2x2 windows, ``sizes=(2,)``)."""
         super().__init__()
         if any(s not in WINDOW_SIZES for s in sizes):
             raise ValueError(f"window sizes must be among {WINDOW_SIZES}, got {tuple(sizes)}")
+        if head not in ("mlp", "linear") or (head == "linear" and tuple(sizes) != (2,)):
+            raise ValueError(f"policy head {head!r} with sizes {tuple(sizes)}: use 'mlp', or 'linear' with sizes (2,)")
         self.sizes = tuple(sizes)
         features = dict(features_only=True, out_indices=(4,))
         if isinstance(pretrained, str):  # a timm tag, e.g. efficientnet_lite0.ra_in1k
@@ -90,22 +95,27 @@ class PolicyNet(nn.Module):
                 weights = lite0_imagenet_state_dict()
                 self.backbone.load_state_dict({k: weights[k] for k in self.backbone.state_dict()})
         channels = self.backbone.feature_info.channels()[-1]
-        self.neck = nn.Sequential(nn.Conv2d(channels, neck_dim, 1, bias=False), nn.BatchNorm2d(neck_dim), nn.ReLU())
-        self.heads = nn.ModuleDict(
-            {
-                str(s): nn.Sequential(
-                    nn.Conv2d(neck_dim if s == 2 else 3 * neck_dim, hidden_dim, 1),
-                    nn.ReLU(),
-                    nn.Conv2d(hidden_dim, 1, 1),
-                )
-                for s in self.sizes
-            }
-        )
+        if head == "linear":
+            self.neck = nn.Identity()
+            self.heads = nn.ModuleDict({"2": nn.Conv2d(channels, 1, 1)})
+        else:
+            self.neck = nn.Sequential(
+                nn.Conv2d(channels, neck_dim, 1, bias=False), nn.BatchNorm2d(neck_dim), nn.ReLU()
+            )
+            self.heads = nn.ModuleDict(self._mlp_heads(neck_dim, hidden_dim))
         # x_policy = (x * std + mean - 127.5) / 127.5 = x * scale + shift
         mean = torch.tensor(input_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(input_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("in_scale", std / POLICY_STD, persistent=False)
         self.register_buffer("in_shift", (mean - POLICY_MEAN) / POLICY_STD, persistent=False)
+
+    def _mlp_heads(self, neck_dim: int, hidden_dim: int) -> dict[str, nn.Module]:
+        return {
+            str(s): nn.Sequential(
+                nn.Conv2d(neck_dim if s == 2 else 3 * neck_dim, hidden_dim, 1), nn.ReLU(), nn.Conv2d(hidden_dim, 1, 1)
+            )
+            for s in self.sizes
+        }
 
     def forward_logits(self, images: Tensor) -> dict[int, Tensor]:
         """images [B, 3, 16*Hp, 16*Wp] -> {s: logits [B, Hp//s, Wp//s]}."""
