@@ -19,15 +19,21 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import run_command
+from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.summary import headline, validation_summary, write_summary
 
 # Keys that belong to the eval command itself and never come from the training run.
 EVAL_ONLY_KEYS = ("ckpt_path", "run_config")
+# Method presets are global packages: `method=` on the command line changes these keys.
+METHOD_KEYS = ("method", "tokenizer", "tau", "prune_heads")
+# What an evaluation may change in a trained model: its tokenizer (the encoder and heads stay the trained ones).
+TOKENIZER_KEYS = ("method", "tokenizer", "tau", "cts_k", "policy")
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
@@ -75,8 +81,6 @@ def _raw_value(cfg: DictConfig, key: str):
 
 def merge_run_config(run_cfg: DictConfig, eval_cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """The training run's config with this command's overrides (values taken from the composed eval config)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     merged = run_cfg.copy()
     OmegaConf.set_struct(merged, False)
     keys: list[str] = []
@@ -90,7 +94,7 @@ def merge_run_config(run_cfg: DictConfig, eval_cfg: DictConfig, overrides: Seque
             if isinstance(node, DictConfig) and leaf in node:
                 del node[leaf]
             continue
-        keys.append(key)
+        keys.extend(METHOD_KEYS if key == "method" else [key])
     for key in keys:
         if OmegaConf.select(eval_cfg, key, default="__absent__", throw_on_missing=False) != "__absent__":
             OmegaConf.update(merged, key, _raw_value(eval_cfg, key), merge=False, force_add=True)
@@ -110,6 +114,19 @@ def format_table(class_names: Sequence[str], iou: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def tokenizer_override(cfg: DictConfig, overrides: Sequence[str]) -> tuple[dict | None, object]:
+    """The tokenizer the command line asks for (``method=``/``tau=``/``policy=``...), as ModelSpec fields, and its
+    policy network; (None, None) when the command line keeps the trained one."""
+    keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))}
+    if not keys & set(TOKENIZER_KEYS):
+        return None, None
+    cfg = cfg.copy()
+    cfg.model.tau, cfg.model.cts_k = cfg.get("tau"), cfg.get("cts_k")  # a resolved run config froze the old ones
+    spec = model_spec(cfg, num_classes=1, ignore_index=255)
+    fields = {k: getattr(spec, k) for k in ("tokenizer", "tau", "cts_k", "policy", "policy_sizes", "policy_head")}
+    return fields, policy_network(cfg, spec)
+
+
 def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Evaluate ``eval_cfg.ckpt_path``; ``overrides`` are the command-line overrides that produced
     ``eval_cfg`` (applied on top of the training run's config). Returns what eval.json holds."""
@@ -126,7 +143,9 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
-    module = load_module(ckpt, eval_mode=cfg.eval.mode, eval_crop=cfg.eval.crop, eval_stride=cfg.eval.stride)
+    tokenizer, policy = tokenizer_override(cfg, overrides)
+    module = load_module(ckpt, tokenizer=tokenizer, policy=policy, eval_mode=cfg.eval.mode, eval_crop=cfg.eval.crop,
+                         eval_stride=cfg.eval.stride)
     trained_classes = module.model.num_classes
     if trained_classes != datamodule.num_classes:
         raise ConfigError(

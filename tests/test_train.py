@@ -100,10 +100,10 @@ def test_eval_errors(tmp_path, compose_cfg):
 @pytest.mark.slow
 def test_eval_rebuilds_the_model_from_the_checkpoint_alone(tiny_run, tmp_path):
     """Without a run config next to the checkpoint, the model still comes from the checkpoint: a command line
-    describing another model changes nothing; a dataset with another class count fails clearly."""
+    describing another architecture changes nothing; a dataset with another class count fails clearly."""
     lone = tmp_path / "lone.ckpt"
     lone.write_bytes(Path(tiny_run["summary"]["checkpoint"]).read_bytes())
-    overrides = [f"ckpt_path={lone}", "method=step", "crop_size=64", "data.num_val=4"]  # full-depth ViT-Ti STEP
+    overrides = [f"ckpt_path={lone}", "backbone=vit_s", "crop_size=64", "data.num_val=4", "method=segvit"]
     result = evaluate(compose_config(overrides, "eval", tmp_path / "out"), overrides)
     assert result["mIoU"] == pytest.approx(tiny_run["summary"]["mIoU"], abs=1e-6)
     classes = [f"ckpt_path={lone}", *TINY_RUN, "data.num_classes=5"]
