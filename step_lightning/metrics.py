@@ -80,6 +80,11 @@ class TokenStats(Metric):
         out["reduction_per_image"] = summary(cells / total)
         return out
 
+    def per_image_tokens(self) -> list[int]:
+        """Tokens of every model forward seen, in update order, gathered over processes."""
+        with self.sync_context():
+            return [int(t) for t in dim_zero_cat(self.counts).sum(1).tolist()]
+
 
 class ExitStats(Metric):
     """Tokens halted per exit head over a dataset (paper Table 7).
@@ -109,3 +114,9 @@ class ExitStats(Metric):
             for h in halted.unbind(1)
         ]
         return {"per_head": per_head, "halted_fraction": (halted.sum() / tokens.sum().clamp(min=1)).item()}
+
+    def per_image_active(self) -> list[list[int]]:
+        """Tokens still active after each exit, per model forward, in update order, gathered over processes."""
+        with self.sync_context():
+            tokens, halted = dim_zero_cat(self.tokens), dim_zero_cat(self.halted)
+            return (tokens[:, None] - halted.cumsum(1)).tolist()

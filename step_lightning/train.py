@@ -29,8 +29,7 @@ from step_lightning.lit.ddp import job_distributed_scope, use_hydra_ddp_command
 from step_lightning.lit.loggers import finish_wandb, instantiate_group, log_final, wandb_offline_unless_logged_in
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.lit.policy_phase import train_policy
-from step_lightning.lit.summary import headline, sample_batch, validation_summary, write_summary
-from step_lightning.measure.gflops import mean_gflops
+from step_lightning.lit.summary import headline, sample_batch, validation_gflops, validation_summary, write_summary
 
 
 def train(cfg: DictConfig) -> dict:
@@ -118,7 +117,7 @@ def fit_segmenter(
         summary = {
             "method": cfg.get("method"),
             **validation_summary(module.last_val, datamodule.class_names),
-            "gflops": mean_gflops(module.model, *sample_batch(datamodule)),
+            "gflops": validation_gflops(module.model, module.last_val, *sample_batch(datamodule, count=1)),
             "wall_time_s": time.time() - start,
             "checkpoint": checkpoint,
             "steps": trainer.global_step,

@@ -153,6 +153,10 @@ class SegmentationModule(L.LightningModule):
         metrics = self.val_metrics.compute()
         token_stats = self.token_stats.compute()
         exit_stats = self.exit_stats.compute() if self.exit_stats.update_called else None
+        per_image = {  # token counts of every forward, for the GFLOPs of the whole validation set
+            "tokens": self.token_stats.per_image_tokens(),
+            "active_after": self.exit_stats.per_image_active() if exit_stats is not None else None,
+        }
         for metric in (self.val_metrics, self.token_stats, self.exit_stats):
             metric.reset()
         self.log("val/mIoU", metrics["mIoU"], prog_bar=True)
@@ -164,7 +168,7 @@ class SegmentationModule(L.LightningModule):
             for i, head in enumerate(exit_stats["per_head"]):
                 self.log(f"val/halted_head{i + 1}", head["halted_mean"])
         self.last_val = {k: v.detach().cpu() for k, v in metrics.items()}
-        self.last_val |= {"token_stats": token_stats, "exit_stats": exit_stats}
+        self.last_val |= {"token_stats": token_stats, "exit_stats": exit_stats, "per_image": per_image}
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from step_lightning.core import PATCH_SIZE
 from step_lightning.core.files import write_json
 from step_lightning.core.resize import resize_labels
+from step_lightning.measure.gflops import ForwardCost
 
 
 def validation_summary(val: dict, class_names: Sequence[str]) -> dict:
@@ -25,6 +26,16 @@ def validation_summary(val: dict, class_names: Sequence[str]) -> dict:
         "token_stats": token_stats,
         "exit_stats": val["exit_stats"],
     }
+
+
+def validation_gflops(model, val: dict, image: torch.Tensor, label: torch.Tensor) -> float:
+    """Mean GFLOPs per model forward over every forward of the validation (each window in slide mode), from
+    each one's token counts (``ForwardCost``: exact per token count; the token-independent part is counted
+    at ``image``'s size, the model's input size)."""
+    cost = ForwardCost(model, image, label)
+    tokens, active = val["per_image"]["tokens"], val["per_image"]["active_after"]
+    active = active or [()] * len(tokens)
+    return sum(cost(t, a) for t, a in zip(tokens, active, strict=True)) / len(tokens)
 
 
 def headline(summary: dict) -> str:

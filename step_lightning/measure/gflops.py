@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from fvcore.nn import FlopCountAnalysis
+
+from step_lightning.models.base import SegmenterBase
 
 
 def _shape(value) -> list[int]:
@@ -48,6 +51,8 @@ class _TensorOutputs(torch.nn.Module):
 
     def forward(self, *inputs):
         out = self.module(*inputs)
+        if isinstance(out, torch.Tensor | tuple):
+            return out
         if isinstance(out, dict):
             return tuple(out.values())
         final = out.outputs[-1]
@@ -84,3 +89,57 @@ def mean_gflops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     """Average batch-1 GFLOPs over images [N,3,H,W]."""
     per_image = gflops_per_image(model, images, labels)
     return sum(per_image) / len(per_image)
+
+
+class _Stage(torch.nn.Module):
+    """One encoder stage and the head after it, on given tokens [1, N, C] (no tokenizer): its cost is a
+    polynomial of degree 2 in N (attention N^2; projections, MLPs and the ATM heads' cross-attention N)."""
+
+    def __init__(self, model: SegmenterBase, index: int):
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, x: torch.Tensor):
+        model = self.model
+        if not model.exit_layers:
+            feats, start = [], 0
+            for tap in model.taps:
+                x = model.encoder.forward_blocks(x, None, start, tap)
+                feats.append(x)
+                start = tap
+            out = model.head(feats[::-1])[-1]
+            return out["class_logits"], out["mask_logits"]
+        start, end = model.stages[self.index]
+        x = model.encoder.forward_blocks(x, None, start, end)
+        if self.index < model.num_exits and not model.exit_can_halt(self.index):
+            return x  # inference skips exit heads that cannot halt
+        out = model.heads[self.index]([x])[0]
+        return out["class_logits"], out["mask_logits"]
+
+
+class ForwardCost:
+    """GFLOPs of one forward from its token counts, exact: the cost of every stage as a quadratic in its
+    tokens (fitted exactly on three fvcore counts) plus what does not depend on tokens (policy, embedding),
+    measured on ``image``. Lets a summary cover every image of a validation set without tracing each one."""
+
+    SAMPLES = (16, 64, 256)
+
+    def __init__(self, model: SegmenterBase, image: torch.Tensor, label: torch.Tensor | None = None):
+        stages = len(model.exit_layers) + 1
+        self.quadratics = []
+        with torch.no_grad():
+            for index in range(stages):
+                width = model.encoder.embed_dim
+                counts = [count_gflops(_Stage(model, index), torch.zeros(1, n, width))["gflops"] for n in self.SAMPLES]
+                self.quadratics.append(np.polyfit(self.SAMPLES, counts, 2))
+            was_training = model.training
+            out = model.eval()(image, label)
+            model.train(was_training)
+        active = out.extras["active_after"][0].tolist() if "active_after" in out.extras else []
+        self.fixed = count_gflops(model, image, label)["gflops"] - self.variable(int(out.tokens[0]), active)
+
+    def variable(self, tokens: int, active_after: list[int]) -> float:
+        return float(sum(np.polyval(q, n) for q, n in zip(self.quadratics, [tokens, *active_after], strict=True)))
+
+    def __call__(self, tokens: int, active_after: list[int] | tuple = ()) -> float:
+        return self.fixed + self.variable(tokens, list(active_after))
