@@ -8,7 +8,7 @@ Time: forward pre/post hooks on the tokenizer, each block and each head, and wra
 ``EarlyExitSegmenter.halt`` (halting rule) and ``._compact`` (token selection/gather), all synchronised on
 CUDA (the syncs serialise the GPU, so per-layer times add up to more than an unprofiled forward).
 ``other`` = whole forward minus the timed parts (unsharing to the grid, canvas scatter, Python overhead).
-Median over ``repeats`` forwards per crop at batch 1, then averaged over crops. GFLOPs: fvcore's
+Mean over ``repeats`` forwards per crop at batch 1, then over crops (the parts add up to the forward). GFLOPs: fvcore's
 per-module counts of the same forward (``step_lightning.measure.gflops``, the policy included).
 Writes profile.json, profile.md and profile.png in the run directory; last line ``profile: <json>``.
 """
@@ -59,7 +59,8 @@ def profile(cfg: DictConfig) -> dict:
                     parts = dict(timer.seconds)
                     parts["other"] = parts["forward"] - sum(v for k, v in parts.items() if k != "forward")
                     runs.append(parts)
-            per_crop.append({k: statistics.median(r[k] for r in runs) * 1e3 for k in runs[0]})
+            # Means, not medians: the parts of every run add up to its forward, so their means add up exactly.
+            per_crop.append({k: statistics.fmean(r[k] for r in runs) * 1e3 for k in runs[0]})
     for handle in handles:
         handle.remove()
     order = [*components(model), *(k for k in ("halting rule", "token selection") if k in per_crop[0]), "other"]

@@ -70,8 +70,10 @@ def test_cityscapes_trainids_and_labelids_agree():
         assert trainids.shape == (1024, 2048)
         np.testing.assert_array_equal(trainids, labelids)
         assert set(np.unique(trainids).tolist()) <= set(range(19)) | {255}
-    item = dm.val_set[0]
-    assert item["image"].shape == (3, 512, 1024) and item["label"].shape == (1024, 2048)
+    item = dm.val_set[0]  # mmseg's Cityscapes protocol: the full image, whatever the crop
+    assert item["image"].shape == (3, 1024, 2048) and item["label"].shape == (1024, 2048)
+    short_side = CityscapesDataModule(root, val_split="train", crop_size=512, eval_scale=None).eval_dataset("train")
+    assert short_side[0]["image"].shape == (3, 512, 1024)
     assert_geometry_aligned(by_source["labelids"][0], (2048, 1024), 768, seed=0)
 
 
