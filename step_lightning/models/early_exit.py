@@ -12,7 +12,8 @@ Two executions of the same computation:
   carried through the blocks unchanged, so batching, DDP and the loss see fixed shapes and every head gets
   a canvas to supervise;
 * inference (``model.eval()``), halted tokens are physically removed after each exit, so later blocks run
-  on shorter sequences (see ``EarlyExitSegmenter._forward_pruned`` for how and where it syncs).
+  on shorter sequences: the packed engine (``step_lightning.models.engine``, default) or the padded
+  reference ``EarlyExitSegmenter._forward_pruned`` (``model.engine = "padded"``).
 
 ``ExitStats`` collects how many tokens each exit halts (paper Table 7).
 """
@@ -27,6 +28,7 @@ from torch import nn
 from step_lightning.models.atm import ATMHead
 from step_lightning.models.base import SegmenterBase, SegmenterOutput
 from step_lightning.models.canvas import paint_active, paint_slots
+from step_lightning.models.engine import packed_forward, uses_packed
 from step_lightning.models.halting import forced_halting_mask, halting_mask
 from step_lightning.models.tokenizer import TokenBatch
 from step_lightning.models.vit import ViTEncoder, key_mask_to_attn_mask
@@ -104,9 +106,12 @@ class EarlyExitSegmenter(SegmenterBase):
             return halting_mask(scores, may_halt, self.prune_threshold, self.keep_top_k)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> SegmenterOutput:
-        """``labels`` are read only by an oracle tokenizer policy."""
+        """``labels`` are read only by an oracle tokenizer policy. Training: ``forward_masked``; inference:
+        the packed engine (``step_lightning.models.engine``), or ``_forward_pruned`` with ``engine="padded"``."""
         if self.training:
             return self.forward_masked(images, labels)
+        if uses_packed(self):
+            return packed_forward(self, images, labels)
         return self._forward_pruned(images, labels)
 
     def _output(self, tokens: TokenBatch, outputs: list, halted: list, active: list, **more) -> SegmenterOutput:
