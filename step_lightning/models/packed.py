@@ -17,7 +17,6 @@ reshape, no mask, when every image has exactly L tokens and there are no dummies
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,19 +25,19 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 LADDER_QUANTUM = 64  # buckets are multiples of 64 rows (tensor-core and kernel tile friendly)
-LADDER_LINEAR_UNTIL = 512  # every multiple of 64 up to here, then steps of ~12 %
+LADDER_LINEAR_UNTIL = 1024  # every multiple of 64 up to here (steps <= 12.5 % above 512), then ~12.5 % steps
 LADDER_RATIO = 1.125
 
 
 def bucket(n: int, cap: int | None = None) -> int:
-    """The smallest ladder size >= n (64, 128, ..., 512, then ~12 % steps rounded up to 64), at most ``cap``
-    (the static upper bound of the quantity, itself a valid size). Wasted rows: < 64 below 512, < 12.5 %
+    """The smallest ladder size >= n (64, 128, ..., 1024, then ~12.5 % steps rounded to 64), at most ``cap``
+    (the static upper bound of the quantity, itself a valid size). Wasted rows: < 64 up to 1024, < 12.5 %
     above, so padding never costs more than a bucket step."""
     size = max(LADDER_QUANTUM, -(-n // LADDER_QUANTUM) * LADDER_QUANTUM)
     if size > LADDER_LINEAR_UNTIL:
         size = LADDER_LINEAR_UNTIL
         while size < n:
-            size = -(-math.ceil(size * LADDER_RATIO) // LADDER_QUANTUM) * LADDER_QUANTUM
+            size = max(size + LADDER_QUANTUM, round(size * LADDER_RATIO / LADDER_QUANTUM) * LADDER_QUANTUM)
     return size if cap is None else min(size, cap)
 
 
