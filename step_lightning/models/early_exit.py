@@ -41,7 +41,9 @@ class EarlyExitSegmenter(SegmenterBase):
     disables halting (phase-1 training, baselines). ``keep_top_k`` tokens per predicted class stay as
     context. ``force_halt`` (None or a fraction in [0, 1)) replaces the rule at the first exit by halting
     exactly that fraction of each image's tokens: a benchmark knob for speed studies, not the method.
-    ``bucket``: with batch > 1 the shortened sequences are padded to a multiple of it (fewer shapes).
+    ``bucket``: with batch > 1 the shortened sequences are padded to a multiple of it (fewer shapes; padded
+    reference engine only). ``head_layers``: ATM decoder layers of the final head; ``exit_head_layers`` those
+    of every exit head (None = the same; 1 makes exits cheaper).
 
     Output (``SegmenterOutput``): ``outputs`` = one dict per head that ran, exits first, final last,
     ``{"class_logits": [B, K, 2], "mask_logits": that head's canvas on the patch grid [B, K, Hp, Wp]}``.
@@ -60,6 +62,7 @@ class EarlyExitSegmenter(SegmenterBase):
         prune_threshold: float = 0.9,
         keep_top_k: int = 5,
         head_layers: int = 3,
+        exit_head_layers: int | None = None,
     ):
         super().__init__(encoder, num_classes, tokenizer)
         heads = tuple(prune_heads)
@@ -70,9 +73,11 @@ class EarlyExitSegmenter(SegmenterBase):
         self.prune_heads = heads
         bounds = (0, *heads, encoder.depth)
         self.stages = list(zip(bounds[:-1], bounds[1:], strict=True))  # 0-indexed [start, end) block ranges
+        exit_depth = head_layers if exit_head_layers is None else exit_head_layers
         self.heads = nn.ModuleList(
-            ATMHead(encoder.embed_dim, num_classes, num_inputs=1, num_layers=head_layers, presence_only=True)
-            for _ in self.stages
+            ATMHead(encoder.embed_dim, num_classes, num_inputs=1, presence_only=True,
+                    num_layers=head_layers if i == len(heads) else exit_depth)
+            for i in range(len(self.stages))
         )
         self.prune_threshold = prune_threshold
         self.keep_top_k = keep_top_k

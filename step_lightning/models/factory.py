@@ -27,6 +27,8 @@ class ModelSpec:
     policy: what scores windows for cts/dcts: ``oracle`` (ground-truth labels) or ``net`` (a PolicyNet,
     passed to ``build_model`` or, when absent, built untrained for weights loaded afterwards).
     prune_heads: 1-indexed layers followed by an exit head; () = no early exit (SegViT's cascaded head).
+    head_layers / exit_head_layers: ATM decoder layers per head / per exit head (checkpoints saved before
+    exit_head_layers existed rebuild with the default, 3).
     mean/std: the images' normalisation (0..255 scale), which the policy network undoes.
     """
 
@@ -45,6 +47,7 @@ class ModelSpec:
     prune_threshold: float = 0.9
     keep_top_k: int = 5
     head_layers: int = 3
+    exit_head_layers: int = 3
     ignore_index: int = IGNORE_INDEX
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -62,6 +65,10 @@ class ModelSpec:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy} must be one of {', '.join(POLICIES)} in a model spec.")
         check_prune_heads(self.prune_heads, self.depth or backbone_spec(self.backbone).depth)
+        for name in ("head_layers", "exit_head_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value} must be a number of ATM decoder layers >= 1, e.g. {name}=3.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +114,7 @@ def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBa
     tokenizer = build_tokenizer(spec, policy)
     if spec.prune_heads:
         return EarlyExitSegmenter(encoder, spec.num_classes, spec.prune_heads, tokenizer, spec.prune_threshold,
-                                  spec.keep_top_k, spec.head_layers)
+                                  spec.keep_top_k, spec.head_layers, spec.exit_head_layers)
     taps = spec.taps or backbone_spec(spec.backbone).taps
     taps = tuple(t for t in taps if t <= encoder.depth)
     return Segmenter(encoder, spec.num_classes, taps, tokenizer, spec.head_layers)
