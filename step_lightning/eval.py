@@ -127,6 +127,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = load_module(ckpt, eval_mode=cfg.eval.mode, eval_crop=cfg.eval.crop, eval_stride=cfg.eval.stride)
+    module.model.engine, module.model.fast = eval_cfg.get("engine", "packed"), bool(eval_cfg.get("fast", False))
     trained_classes = module.model.num_classes
     if trained_classes != datamodule.num_classes:
         raise ConfigError(
