@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 from step_lightning.measure.dispatch import DispatchCounter
 from step_lightning.models import engine
@@ -242,3 +243,48 @@ def test_engine_switch():
     assert not calls and len(out.outputs) == 3
     with pytest.raises(RuntimeError, match="inference only"):
         engine.packed_forward(model, images, labels)
+
+
+class ReplayRunner(engine.SegmentRunner):
+    """The CUDA-graph runner with graphs simulated on CPU: capture runs the segment once and keeps its output
+    buffers; a replay recomputes from the static input buffers and overwrites those same output buffers, as a
+    CUDA graph does."""
+
+    def __init__(self):
+        super().__init__("cudagraphs")
+
+    @staticmethod
+    def _capture(fn, static_args):
+        out = fn(*static_args)
+        return (fn, static_args, out), out
+
+    @staticmethod
+    def _replay(graph) -> None:
+        fn, static_args, out = graph
+        fresh = fn(*static_args)
+        for buffer, value in zip(pytree.tree_leaves(out), pytree.tree_leaves(fresh), strict=True):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(value)
+
+
+@pytest.mark.parametrize("method", ["step", "segvit"])
+def test_graph_runner_captures_once_per_bucket_and_keeps_outputs(method, monkeypatch):
+    model = build(method)
+    runner = ReplayRunner()
+    monkeypatch.setattr(engine, "segment_runner", lambda *a: runner)
+    labels = scene_labels(1, 128)
+    images = torch.randn(3, 1, 3, 128, 128)
+    eager = [run(model, x, labels, "packed") for x in images]
+    model.fast = True
+    first = [run(model, x, labels, "packed") for x in images]  # the same buckets: one capture per segment
+    captures = runner.captures
+    assert captures == {"segvit": 1, "step": 4}[method]  # step: tokens, stage 0, stage 1, final
+    second = run(model, images[0], labels, "packed")
+    assert runner.captures == captures
+    for out, reference in zip([*first, second], [*eager, eager[0]], strict=True):
+        assert_same(out, reference)  # earlier outputs were not overwritten by later replays
+    model.prune_threshold = 0.0  # a setting baked into the graphs: new captures, new outputs
+    changed = run(model, images[0], labels, "packed")
+    assert runner.captures > captures
+    model.fast = False
+    assert_same(changed, run(model, images[0], labels, "packed"))

@@ -111,12 +111,37 @@ class SegmentRunner:
         self.compiled: dict = {}
         self.captures = 0
 
-    def __call__(self, name: str, fn, *args):
+    def __call__(self, name: str, fn, *args, key: tuple = ()):
+        """``key``: static values ``fn`` reads besides its arguments (model settings baked into a graph)."""
         if self.backend == "eager" or _PROBE is not None:
             return fn(*args)
-        if self.backend.startswith("compile"):
+        if self.backend == "compile:eager":  # dynamo guards on the settings itself
             return self._compiled(fn)(*args)
-        return self._graph(name, fn, args)
+        if self.backend == "compile":  # cudagraph trees reuse output buffers: keep ours
+            return pytree.tree_map(_clone, self._compiled(fn)(*args))
+        return self._graph(name, fn, args, key)
+
+    @staticmethod
+    def _capture(fn, static_args):
+        """One CUDA graph of ``fn(*static_args)`` (after a warm-up run on a side stream: lazy inits, cuDNN
+        autotuning); returns it and the output tensors it writes at every replay."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(*static_args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*static_args)
+        return graph, out
+
+    @staticmethod
+    def _replay(graph) -> None:
+        graph.replay()
+
+    def key(self, model: nn.Module) -> tuple:
+        """The model settings a captured graph depends on (``settings_key``); () for other backends."""
+        return settings_key(model) if self.backend == "cudagraphs" else ()
 
     def _compiled(self, fn):
         if fn not in self.compiled:
@@ -130,10 +155,10 @@ class SegmentRunner:
                 self.compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
         return self.compiled[fn]
 
-    def _graph(self, name: str, fn, args):
+    def _graph(self, name: str, fn, args, extra: tuple):
         leaves, spec = pytree.tree_flatten(args)
         tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-        key = (name, fn, str(spec), tuple(
+        key = (name, fn, extra, str(spec), tuple(
             (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else _static(leaf) for leaf in leaves
         ))
         entry = self.graphs.get(key)
@@ -141,22 +166,30 @@ class SegmentRunner:
             static = list(leaves)
             for i in tensors:
                 static[i] = leaves[i].clone()
-            static_args = pytree.tree_unflatten(static, spec)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the capture (lazy inits, autotuning)
-                fn(*static_args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(*static_args)
+            graph, out = self._capture(fn, pytree.tree_unflatten(static, spec))
             entry = self.graphs[key] = (graph, [static[i] for i in tensors], out)
             self.captures += 1
         graph, inputs, out = entry
         for buffer, i in zip(inputs, tensors, strict=True):
             buffer.copy_(leaves[i])
-        graph.replay()
-        return pytree.tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, out)
+        self._replay(graph)
+        return pytree.tree_map(_clone, out)
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+def settings_key(model: nn.Module) -> tuple:
+    """Model settings the segments read as Python values (a captured graph bakes them in), and where the
+    weights live (a graph reads them by address: moving the model must not replay a stale graph)."""
+    params = list(model.parameters())
+    tokenizer = model.tokenizer
+    return (
+        getattr(model, "prune_threshold", None), getattr(model, "force_halt", None),
+        getattr(model, "keep_top_k", None), getattr(tokenizer, "thresholds", None), getattr(tokenizer, "cts_k", None),
+        params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype,
+    )
 
 
 def _static(value):
@@ -343,7 +376,7 @@ def _pre_read(model, policy, images, labels, runner) -> tuple[tuple | None, int 
     """dCTS: the tokenizer segment and READ 1 (tokens after the layout). Others: nothing to read."""
     if _kind(model) != "dcts":
         return None, None
-    size_map, is_start, counts = runner("tokens", dcts_counts, model, policy, images, labels)
+    size_map, is_start, counts = runner("tokens", dcts_counts, model, policy, images, labels, key=runner.key(model))
     n = size_map.shape[1] * size_map.shape[2]
     rows, length, longest = read_sizes(counts, counts.shape[0] * n, n)  # READ: tokens after the dCTS layout
     return (size_map, is_start, counts, rows, length), longest
@@ -376,7 +409,8 @@ def segmenter_forward(model, images: Tensor, labels: Tensor | None) -> Segmenter
     runner = segment_runner(model, images.device)
     policy = policy_for(model)
     pre, longest = _pre_read(model, policy, images, labels, runner)
-    outputs, counts, layout = runner("segmenter", segmenter_segment, model, policy, images, labels, pre)
+    outputs, counts, layout = runner("segmenter", segmenter_segment, model, policy, images, labels, pre,
+                                     key=runner.key(model))
     if longest is not None:
         layout = _slice_layout(layout, longest)
     return SegmenterOutput(outputs, counts, {"layout": layout})
@@ -494,8 +528,9 @@ def exit_segment(model, policy, images, labels, pre, state, sizes, first: int, l
     dump = canvas.shape[0] - 1
     halt_head = state.halt_head.index_fill(0, torch.where(halt_rows, state.slot, dump), last)
     keep = ~halt_rows if packing.uniform else packing.real & ~halt_rows
-    counts = counts - halt.sum(1)
-    return replace(state, keep=keep, counts=counts, halted=[*halted, halt.sum(1)], active=[*active, counts],
+    halted_now = halt.sum(1)
+    counts = counts - halted_now
+    return replace(state, keep=keep, counts=counts, halted=[*halted, halted_now], active=[*active, counts],
                    halt_head=halt_head)
 
 
@@ -517,7 +552,8 @@ def early_exit_forward(model, images: Tensor, labels: Tensor | None) -> Segmente
     halting = [i for i in range(model.num_exits) if model.exit_can_halt(i)]
     state, sizes, first = None, None, 0
     for last in [*halting, model.num_exits]:
-        result = runner(f"stage {last}", exit_segment, model, policy, images, labels, pre, state, sizes, first, last)
+        result = runner(f"stage {last}", exit_segment, model, policy, images, labels, pre, state, sizes, first, last,
+                        key=runner.key(model))
         if last == model.num_exits:
             break
         state, first = result, last + 1

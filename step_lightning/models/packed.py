@@ -17,7 +17,7 @@ reshape, no mask, when every image has exactly L tokens and there are no dummies
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,8 @@ class Packing:
     key_mask: Tensor | None
     uniform: bool
     aligned: bool
+    bias: Tensor | None = field(default=None, repr=False)  # cached additive key mask (attn_mask)
+    real_rows: Tensor | None = field(default=None, repr=False)  # cached ``real``
 
     @staticmethod
     def regular(batch: int, length: int, device) -> Packing:
@@ -95,23 +97,25 @@ class Packing:
         cu = F.pad(counts.cumsum(0), (1, 0))
         index = torch.arange(rows, device=device)
         image = torch.searchsorted(cu[1:], index, right=True)  # B past the real total
+        real = image < batch
         slots = torch.arange(max_len, device=device)
         key_mask = slots < counts[:, None]
         aligned = batch == 1 and rows == max_len
         row_dense = dense_row = None
         if not aligned:
             position = index - cu.index_select(0, image)
-            row_dense = torch.where(image < batch, image * max_len + position, 0)
+            row_dense = torch.where(real, image * max_len + position, 0)
             dense_row = torch.where(key_mask, cu[:-1, None] + slots, 0).flatten()
         return Packing(batch, rows, max_len, counts, cu.to(torch.int32), image, row_dense, dense_row, key_mask,
-                       False, aligned)
+                       False, aligned, real_rows=real)
 
     @property
     def real(self) -> Tensor:
         """bool [rows]: rows that belong to an image."""
-        if self.row_image is None:
-            return torch.ones(self.rows, dtype=torch.bool, device=self.counts.device)
-        return self.row_image < self.batch
+        if self.real_rows is None:
+            self.real_rows = (torch.ones(self.rows, dtype=torch.bool, device=self.counts.device)
+                              if self.row_image is None else self.row_image < self.batch)
+        return self.real_rows
 
     def to_dense(self, values: Tensor) -> Tensor:
         """[rows, ...] -> [B, L, ...]; padding slots hold some row's values (mask them with key_mask)."""
@@ -124,9 +128,15 @@ class Packing:
         flat = values.reshape(self.batch * self.max_len, *values.shape[2:])
         return flat if self.aligned else flat.index_select(0, self.row_dense)
 
-    def attn_mask(self) -> Tensor | None:
-        """[B, 1, 1, L] key mask for scaled_dot_product_attention on the dense view (None: nothing to mask)."""
-        return None if self.key_mask is None else self.key_mask[:, None, None, :]
+    def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """[B, 1, 1, L] additive key mask (0 / -inf) for scaled_dot_product_attention on the dense view, built
+        once per packing (a boolean mask would be converted at every call); None: nothing to mask."""
+        if self.key_mask is None:
+            return None
+        if self.bias is None or self.bias.dtype != dtype:
+            zero = torch.zeros((), dtype=dtype, device=self.key_mask.device)
+            self.bias = torch.where(self.key_mask, zero, float("-inf"))[:, None, None, :]
+        return self.bias
 
 
 pytree.register_pytree_node(
@@ -155,12 +165,14 @@ def self_attention(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     """Attention of every row over the rows of its own image: qkv [rows, 3, H, D] -> [rows, H, D].
     Dummy rows come back zero (CUDA) or with arbitrary finite values (dense reference)."""
     if use_flash_varlen(qkv):
-        q, k, v = qkv.unbind(1)
+        # one copy to [3, rows, H, D]: q, k, v each packed token-major ([rows, H, D] contiguous), the layout
+        # every varlen backend (flash, cuDNN ragged offsets) reads without stride assumptions
+        q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)
         out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len, scale)
         # flash leaves rows past cu_seqlens[-1] unwritten: zero them so dummies stay finite
         return out if packing.uniform else torch.where(packing.real[:, None, None], out, 0)
     q, k, v = packing.to_dense(qkv).permute(2, 0, 3, 1, 4).unbind(0)  # one gather for the three
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.attn_mask(), scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.attn_mask(q.dtype), scale=scale)
     return packing.from_dense(out.transpose(1, 2))
 
 
@@ -178,7 +190,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, scale: fl
     k_dense = packing.to_dense(k) if k_dense is None else k_dense
     v_dense = packing.to_dense(v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k_dense.transpose(1, 2), v_dense.transpose(1, 2),
-                                         attn_mask=packing.attn_mask(), scale=scale)
+                                         attn_mask=packing.attn_mask(q.dtype), scale=scale)
     return out.transpose(1, 2)
 
 

@@ -160,10 +160,11 @@ def fold_batchnorms(module: nn.Module) -> int:
 def fused_policy(policy: PolicyNet) -> PolicyNet:
     """An inference copy of ``policy``: eval mode, every BatchNorm folded into its convolution, weights and
     inputs in channels_last. Same scores as ``policy.eval()`` to float rounding (tests: 1e-5)."""
-    fused = copy.deepcopy(policy).eval()
+    dtype = next(policy.parameters()).dtype
+    fused = copy.deepcopy(policy).eval().float()  # fold in fp32, then back to the policy's dtype
     fold_batchnorms(fused)
     fused.channels_last = True
-    return fused.to(memory_format=torch.channels_last).requires_grad_(False)
+    return fused.to(dtype=dtype, memory_format=torch.channels_last).requires_grad_(False)
 
 
 def homogeneity_targets(
