@@ -26,6 +26,7 @@ METHODS = {
     "step": {"tokenizer": "dcts", "tau": 6899, "prune_heads": (1, 2)},
     "step_net": {"tokenizer": "dcts", "tau": 4999, "prune_heads": (2,), "policy": "net"},
     "cts_net": {"tokenizer": "cts", "policy": "net"},
+    "cts_dtop": {"tokenizer": "cts", "prune_heads": (2,)},
 }
 
 
@@ -125,6 +126,12 @@ def test_packed_engine_equals_padded_reference(method, batch):
         assert packed[1].extras["halted"].sum() > 0  # tokens did halt
 
 
+def test_non_square_images():
+    model = build("step")
+    images, labels = torch.randn(2, 3, 96, 160), scene_labels(2, 160)[..., :96, :]
+    assert_same(run(model, images, labels, "packed"), run(model, images, labels, "padded"))
+
+
 def test_an_image_alone_equals_the_same_image_in_a_batch():
     model = build("step")
     images, labels = torch.randn(3, 3, 128, 128), scene_labels(3, 128)
@@ -162,7 +169,7 @@ def test_outputs_do_not_depend_on_the_bucket(method, monkeypatch):
     assert_same(results[0], run(model, images, labels, "padded"))
 
 
-READS = {"segvit": 0, "cts": 0, "cts_net": 0, "dcts": 1, "dtop": 2, "step": 3, "step_net": 2}
+READS = {"segvit": 0, "cts": 0, "cts_net": 0, "dcts": 1, "dtop": 2, "step": 3, "step_net": 2, "cts_dtop": 1}
 
 
 @pytest.mark.parametrize("method", list(READS))
