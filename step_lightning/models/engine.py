@@ -288,19 +288,18 @@ def _scores(model, policy, images, labels) -> dict:
     return model.tokenizer.scores(images, patch_grid(images), labels)
 
 
-def dcts_counts(model, policy, images, labels) -> tuple[Tensor, Tensor, Tensor]:
-    """Segment before READ 1 (dCTS): scores -> size map -> start cells and token counts."""
+def dcts_counts(model, policy, images, labels) -> tuple[Tensor, ...]:
+    """Segment before READ 1 (dCTS): scores -> size map -> start cells, token counts, owner offsets."""
     scores = _scores(model, policy, images, labels)
     mark("layout")
     size_map = dcts_size_map(scores, patch_grid(images), model.tokenizer.thresholds)
-    is_start, counts = token_starts(size_map)
-    return size_map, is_start, counts
+    return (size_map, *token_starts(size_map))
 
 
-def _embed_layout(model, images, size_map, is_start, counts, packing: Packing) -> Tokens:
+def _embed_layout(model, images, size_map, is_start, counts, offset, packing: Packing) -> Tokens:
     mark("layout")
     grid = patch_grid(images)
-    layout = pack_layout(size_map, is_start, counts, packing.rows)
+    layout = pack_layout(size_map, is_start, counts, offset, packing.rows)
     cell_slot = layout.cell_row.flatten()
     if not packing.aligned:
         cell_slot = packing.row_dense.index_select(0, cell_slot)
@@ -324,14 +323,14 @@ def tokens_static(model, policy, images, labels) -> Tokens:
     tokenizer = model.tokenizer
     k = tokenizer.cts_k if tokenizer.cts_k is not None else cts_k_for_grid(hp, wp)
     size_map = cts_size_map(scores[2], (hp, wp), k)
-    is_start, counts = token_starts(size_map)
     packing = Packing.regular(b, hp * wp - 3 * k, images.device)
-    return _embed_layout(model, images, size_map, is_start, counts, packing)
+    return _embed_layout(model, images, size_map, *token_starts(size_map), packing)
 
 
-def tokens_dcts(model, images, size_map, is_start, counts, rows: int, length: int) -> Tokens:
+def tokens_dcts(model, images, size_map, is_start, counts, offset, rows: int, length: int) -> Tokens:
     """dCTS after READ 1: pack the layout into ``rows`` rows (dense view ``length``), embed."""
-    return _embed_layout(model, images, size_map, is_start, counts, Packing.from_counts(counts, rows, length))
+    mark("layout")
+    return _embed_layout(model, images, size_map, is_start, counts, offset, Packing.from_counts(counts, rows, length))
 
 
 def _tokens(model, policy, images, labels, pre) -> Tokens:
@@ -376,10 +375,11 @@ def _pre_read(model, policy, images, labels, runner) -> tuple[tuple | None, int 
     """dCTS: the tokenizer segment and READ 1 (tokens after the layout). Others: nothing to read."""
     if _kind(model) != "dcts":
         return None, None
-    size_map, is_start, counts = runner("tokens", dcts_counts, model, policy, images, labels, key=runner.key(model))
+    size_map, is_start, counts, offset = runner("tokens", dcts_counts, model, policy, images, labels,
+                                                key=runner.key(model))
     n = size_map.shape[1] * size_map.shape[2]
     rows, length, longest = read_sizes(counts, counts.shape[0] * n, n)  # READ: tokens after the dCTS layout
-    return (size_map, is_start, counts, rows, length), longest
+    return (size_map, is_start, counts, offset, rows, length), longest
 
 
 # ---------------------------------------------------------------- SegViT (cascaded head)

@@ -143,11 +143,13 @@ def _window_scores(scores: Tensor, s: int, hp: int, wp: int) -> Tensor:
 
 
 def _expand_windows(accept: Tensor, s: int, hp: int, wp: int) -> Tensor:
-    """bool [B, nh, nw] per window -> bool [B, Hp, Wp] per cell (border cells outside windows False)."""
-    cells = accept.repeat_interleave(s, 1).repeat_interleave(s, 2)
-    out = torch.zeros(accept.shape[0], hp, wp, dtype=torch.bool, device=accept.device)
-    out[:, : cells.shape[1], : cells.shape[2]] = cells
-    return out
+    """bool [B, nh, nw] per window -> bool [B, Hp, Wp] per cell (border cells outside windows False).
+    One copy (expand + reshape), plus one pad when the windows do not tile the grid."""
+    b, nh, nw = accept.shape
+    cells = accept[:, :, None, :, None].expand(b, nh, s, nw, s).reshape(b, nh * s, nw * s)
+    if (nh * s, nw * s) != (hp, wp):
+        cells = torch.nn.functional.pad(cells, (0, wp - nw * s, 0, hp - nh * s))
+    return cells
 
 
 def dcts_layout(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds: Sequence[float]) -> TokenLayout:
@@ -175,15 +177,13 @@ def dcts_size_map(scores: Mapping[int, Tensor], grid: tuple[int, int], threshold
     hp, wp = grid
     ref = next(iter(scores.values()))
     size_map = torch.ones(ref.shape[0], hp, wp, dtype=torch.long, device=ref.device)
-    covered = torch.zeros(ref.shape[0], hp, wp, dtype=torch.bool, device=ref.device)
     for s, tau in sorted(zip(WINDOW_SIZES, thresholds, strict=True), reverse=True):
         nh, nw = hp // s, wp // s
         if s not in scores or nh == 0 or nw == 0:
             continue
-        free = ~covered[:, ::s, ::s][:, :nh, :nw]
+        free = size_map[:, ::s, ::s][:, :nh, :nw] == 1  # top-left cell not covered by a larger window
         accept = _expand_windows((_window_scores(scores[s], s, hp, wp) > tau) & free, s, hp, wp)
-        size_map = torch.where(accept, s, size_map)
-        covered |= accept
+        size_map = size_map.masked_fill(accept, s)
     return size_map
 
 
@@ -210,7 +210,7 @@ def cts_size_map(score2: Tensor, grid: tuple[int, int], k: int) -> Tensor:
     # A tensor source (not a Python bool) keeps this traceable by fvcore's jit trace.
     accept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, torch.ones_like(top, dtype=torch.bool))
     cells = _expand_windows(accept.view(-1, hp // 2, wp // 2), 2, hp, wp)
-    return torch.where(cells, 2, torch.ones_like(cells, dtype=torch.long))
+    return torch.ones_like(cells, dtype=torch.long).masked_fill(cells, 2)
 
 
 def unshare(values: Tensor, layout: TokenLayout, dim: int = -1) -> Tensor:
