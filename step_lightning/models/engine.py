@@ -183,12 +183,12 @@ def _clone(value):
 def settings_key(model: nn.Module) -> tuple:
     """Model settings the segments read as Python values (a captured graph bakes them in), and where the
     weights live (a graph reads them by address: moving the model must not replay a stale graph)."""
-    params = list(model.parameters())
+    first = next(model.parameters())
     tokenizer = model.tokenizer
     return (
         getattr(model, "prune_threshold", None), getattr(model, "force_halt", None),
         getattr(model, "keep_top_k", None), getattr(tokenizer, "thresholds", None), getattr(tokenizer, "cts_k", None),
-        params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype,
+        first.data_ptr(), first.dtype,
     )
 
 
@@ -239,8 +239,10 @@ def policy_for(model: nn.Module) -> nn.Module | None:
     policy = getattr(tokenizer, "policy", None)
     if policy is None or not model.fast:
         return policy
-    tensors = [*policy.parameters(), *policy.buffers()]
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    # cheap staleness check: loading weights or moving the policy changes the first tensor's version or
+    # address (after editing single weights in place, call ``reset(model)``)
+    first = next(policy.parameters())
+    key = (first.data_ptr(), first._version, first.dtype)
     cache = _cache(model)
     if cache.policy_key != key:
         cache.policy_key, cache.policy = key, fused_policy(policy)
