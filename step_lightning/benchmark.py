@@ -7,11 +7,16 @@ Method entries: see ``step_lightning.measure.presets`` (``segvit``, ``dcts@4999`
 Model inputs: each image of the split is resized so its short side is ``resolution``, its label resized to it
 with nearest neighbour, then cut into ``resolution`` x ``resolution`` crops (``crop=center|tiles``).
 
-Measured per method: GFLOPs (fvcore, batch 1, averaged over the crops, policy included), throughput
-(``repeats`` timed passes over all crops in batches of ``batch_size`` after ``warmup`` passes, methods
-interleaved so drift hits all alike; median images/s; CUDA synchronised), extra memory of one forward,
-tokens after the tokenizer and after each exit, halted fraction, and mIoU on the crops for methods given a
-checkpoint. Writes benchmark.json/.md/.csv and plots; the last line printed is ``benchmark: <json path>``.
+Measured per method: GFLOPs (fvcore, batch 1, averaged over the crops, policy included, padded reference
+engine), throughput (``repeats`` timed passes over all crops in batches of ``batch_size`` after ``warmup``
+passes, methods and engines interleaved so drift hits all alike; median images/s; CUDA synchronised) for
+each of ``engines``: ``padded`` (the per-image padded reference), ``packed`` (the packed engine, eager) and
+``fast`` (packed + CUDA graphs per bucket and the fused policy; on CPU eager packed + fused policy), extra
+memory of one forward, tokens after the tokenizer and after each exit, halted fraction, mIoU on the crops for
+methods given a checkpoint, and (``components``) the packed engine's time and dispatched ops per component
+(policy, layout, embed, blocks, heads, exits, read, output; ``step_lightning.measure.components``), of which
+the fixed part (policy, layout, embed, exits, reads) does not shrink with the tokens.
+Writes benchmark.json/.md/.csv and plots; the last line printed is ``benchmark: <json path>``.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from step_lightning.cli import run_command
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
+from step_lightning.measure.components import component_ops, component_times, fixed_ms
 from step_lightning.measure.gflops import gflops_per_image
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
-from step_lightning.measure.presets import build_models, method_configs
-from step_lightning.measure.report import add_ratios, write_outputs
+from step_lightning.measure.presets import ENGINES, apply_engine, build_models, engine_forward, method_configs
+from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
 from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, time_passes
 from step_lightning.metrics import SegMetrics
@@ -56,6 +62,11 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     for name, path in checkpoints.items():  # trained models, rebuilt from their checkpoints alone
         models[name] = load_module(path, key=f"checkpoints.{name}").model
         models[name].force_halt = configs[name].get("force_halt")
+    engines = list(cfg.get("engines") or ["packed"])
+    if unknown := sorted(set(engines) - set(ENGINES)):
+        raise ConfigError(f"engines={engines}: {unknown} not among {list(ENGINES)}.")
+    for model in models.values():
+        apply_engine(model, cfg)
     results: dict[str, dict] = {}
     for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
         per_image = gflops_per_image(model, images, labels)
@@ -72,12 +83,27 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             for name, model in models.items():
                 model.to(device, dtype)
                 results[name]["peak_mem_mb"] = forward_memory_mb(model, *batches[0])
-            seconds = time_passes(models, batches, cfg, device)
-    for name, passes in seconds.items():
-        results[name]["images_per_s"] = statistics.median(len(x) / s for s in passes)
-        results[name]["pass_seconds"] = passes
+                if cfg.get("components", True):
+                    times = component_times(model, *batches[0], device, cfg.repeats)
+                    ops, reads = component_ops(model, *batches[0])
+                    padded_ops, _ = component_ops(model, *batches[0], engine="padded")
+                    results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
+                                      "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
+                                      "host_reads": reads}
+            forwards = {(name, engine): engine_forward(model, engine) for name, model in models.items()
+                        for engine in engines}
+            seconds = time_passes(forwards, batches, cfg, device)
+            for model in models.values():
+                apply_engine(model, cfg)
+    for (name, engine), passes in seconds.items():
+        results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(len(x) / s for s in passes)
+        results[name].setdefault("pass_seconds", {})[engine] = passes
+    main_engine = "fast" if "fast" in engines else engines[-1]
+    for row in results.values():
+        row["images_per_s"] = row["images_per_s_by_engine"][main_engine]
     reference = "segvit" if "segvit" in results else next(iter(results))
     add_ratios(results, reference)
+    add_engine_ratios(results, reference)
     memory = (
         "CUDA max_memory_allocated during the forward minus allocated before"
         if device.type == "cuda"
@@ -94,6 +120,8 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             "policy": cfg.policy,
             "force_halt": cfg.force_halt,
             "batch_size": cfg.batch_size,
+            "engines": engines,
+            "throughput_engine": main_engine,
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

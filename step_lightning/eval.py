@@ -146,6 +146,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     tokenizer, policy = tokenizer_override(cfg, overrides)
     module = load_module(ckpt, tokenizer=tokenizer, policy=policy, eval_mode=cfg.eval.mode, eval_crop=cfg.eval.crop,
                          eval_stride=cfg.eval.stride)
+    module.model.engine, module.model.fast = eval_cfg.get("engine", "packed"), bool(eval_cfg.get("fast", False))
     trained_classes = module.model.num_classes
     if trained_classes != datamodule.num_classes:
         raise ConfigError(

@@ -10,6 +10,9 @@ CUDA (the syncs serialise the GPU, so per-layer times add up to more than an unp
 ``other`` = whole forward minus the timed parts (unsharing to the grid, canvas scatter, Python overhead).
 Mean over ``repeats`` forwards per crop at batch 1, then over crops (the parts add up to the forward). GFLOPs: fvcore's
 per-module counts of the same forward (``step_lightning.measure.gflops``, the policy included).
+Runs the padded reference engine (``engine=padded``): its hooks need the per-module calls that the packed
+engine replaces by packed rows; the packed engine's own components are timed by the benchmark
+(``step_lightning.measure.components``).
 Writes profile.json, profile.md and profile.png in the run directory; last line ``profile: <json>``.
 """
 
@@ -43,6 +46,7 @@ def profile(cfg: DictConfig) -> dict:
     else:
         model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
     flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
+    model.engine = "padded"
     model.to(device)
     timer = Timer(device)
     handles = timer.attach(model)

@@ -89,15 +89,26 @@ def test_forced_halting_halts_exact_fraction_of_most_confident():
 
 
 def check_pruned_matches_masked(model: EarlyExitSegmenter, images, labels=None) -> torch.Tensor:
+    """Both inference engines (packed, padded reference) against the masked training computation: halted and
+    active counts equal, every head's scores equal; the two engines' ``halt_head`` equal and consistent."""
     with torch.no_grad():
-        pruned = model(images, labels)
         masked = model.forward_masked(images, labels)
-    assert torch.equal(pruned.extras["halted"], masked.extras["halted"])
-    assert torch.equal(pruned.extras["active_after"], masked.extras["active_after"])
-    assert len(pruned.outputs) == len(masked.outputs)
-    for p, m in zip(pruned.outputs, masked.outputs, strict=True):
-        torch.testing.assert_close(model.head_scores(p), model.head_scores(m), atol=1e-4, rtol=0)
-    return pruned.extras["active_after"]
+        runs = {}
+        for engine in ("packed", "padded"):
+            model.engine = engine
+            runs[engine] = model(images, labels)
+        model.engine = "packed"
+    for pruned in runs.values():
+        assert torch.equal(pruned.extras["halted"], masked.extras["halted"])
+        assert torch.equal(pruned.extras["active_after"], masked.extras["active_after"])
+        assert len(pruned.outputs) == len(masked.outputs)
+        for p, m in zip(pruned.outputs, masked.outputs, strict=True):
+            torch.testing.assert_close(model.head_scores(p), model.head_scores(m), atol=1e-4, rtol=0)
+        halt_head = pruned.extras["halt_head"]
+        for i in range(model.num_exits):
+            assert torch.equal((halt_head == i).sum(1), pruned.extras["halted"][:, i])
+    assert torch.equal(runs["packed"].extras["halt_head"], runs["padded"].extras["halt_head"])
+    return runs["packed"].extras["active_after"]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -122,17 +133,21 @@ def test_pruned_inference_matches_masked_supertokens():
     assert (active[:, -1] < tokens).any()
 
 
-def test_threshold_one_is_no_early_exit_bit_for_bit():
+@pytest.mark.parametrize("engine", ["padded", "packed"])
+def test_threshold_one_is_no_early_exit(engine):
+    """Bit for bit on the padded reference; to float rounding on the packed engine (one mask-logit GEMM)."""
     model = make_model()
     model.prune_threshold = 1.0
+    model.engine = engine
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = model(images)
         x = model.encoder.forward_blocks(model.encoder.embed(images))
         reference = model.heads[-1]([x])[0]
         masked = model.forward_masked(images)
-    assert torch.equal(out.outputs[-1]["class_logits"], reference["class_logits"])
-    assert torch.equal(out.outputs[-1]["mask_logits"].flatten(2), reference["mask_logits"])
+    tolerance = {"atol": 0, "rtol": 0} if engine == "padded" else {"atol": 1e-5, "rtol": 0}
+    torch.testing.assert_close(out.outputs[-1]["class_logits"], reference["class_logits"], **tolerance)
+    torch.testing.assert_close(out.outputs[-1]["mask_logits"].flatten(2), reference["mask_logits"], **tolerance)
     assert len(out.outputs) == 1  # exit heads that cannot halt are skipped at inference
     for o in (out, masked):
         assert not o.extras["halted"].any()
@@ -260,3 +275,18 @@ def test_halting_decides_in_fp32_on_bf16_outputs():
     head_out = {"class_logits": class_logits, "mask_logits": mask_logits}
     halted = model.halt(0, head_out, torch.ones(1, 4, dtype=torch.bool))
     assert halted.all()
+
+
+def test_exit_head_depth_is_an_option():
+    from step_lightning.models.factory import ModelSpec, build_model
+
+    spec = ModelSpec(backbone="vit_t", num_classes=NUM_CLASSES, img_size=64, depth=3, drop_path_rate=0.0,
+                     prune_heads=(1,), exit_head_layers=1)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    assert [len(head.stages[0].layers) for head in model.heads] == [1, 3]
+    default = build_model(ModelSpec(**{**spec.to_dict(), "exit_head_layers": 3}))
+    extra = set(default.state_dict()) - set(model.state_dict())
+    assert extra and all(key.startswith(("heads.0.stages.0.layers.1.", "heads.0.stages.0.layers.2.")) for key in extra)
+    model.force_halt = 0.5
+    check_pruned_matches_masked(model, torch.randn(2, 3, 64, 64))

@@ -9,6 +9,7 @@ from step_lightning.tokens.layout import dcts_layout
 from step_lightning.tokens.policy import (
     OraclePolicy,
     PolicyNet,
+    fused_policy,
     homogeneity_targets,
     lite0_imagenet_state_dict,
 )
@@ -181,3 +182,25 @@ def test_oracle_tokens_are_homogeneous_and_excluded_windows_score_zero():
             win = labels[b, r * p : (r + s) * p, c * p : (c + s) * p]
             assert s == 1 or len(set(win[win != IGN].tolist())) <= 1
             assert s == 1 or not ((win == IGN).any() and (win != IGN).any())
+
+
+def test_fused_policy_folds_every_batchnorm_and_matches_the_eval_policy():
+    torch.manual_seed(0)
+    policy = PolicyNet(pretrained=False, input_mean=(120.0, 110.0, 100.0), input_std=(60.0, 60.0, 60.0)).eval()
+    for m in policy.modules():  # non-trivial statistics, so folding changes every weight
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    fused = fused_policy(policy)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert fused.channels_last and not fused.training
+    assert fused.neck[0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        reference, out = policy(images), fused(images)
+    for s in WINDOW_SIZES:
+        torch.testing.assert_close(out[s], reference[s], atol=1e-5, rtol=0)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())  # the original is untouched

@@ -44,10 +44,13 @@ def policy_architecture(kind: str, crop_size: int) -> tuple[tuple[int, ...], str
 
 
 def policy_network(cfg: DictConfig, spec: ModelSpec) -> PolicyNet | None:
-    """The trained policy a config names (``policy=<checkpoint>``), None for the oracle or plain patches."""
+    """The trained policy a config names (``policy=<checkpoint>``), None for the oracle or plain patches, and
+    None for ``policy=random`` (speed measurements: ``build_model`` then makes an untrained PolicyNet)."""
     if spec.policy != "net":
         return None
     policy = str(cfg.policy)
+    if policy == "random":
+        return None
     if policy == "train":
         raise ConfigError(
             "policy=train trains a policy at the start of a training run; here give a checkpoint "
@@ -55,7 +58,7 @@ def policy_network(cfg: DictConfig, spec: ModelSpec) -> PolicyNet | None:
         )
     if not Path(policy).is_file():
         raise ConfigError(
-            f"policy={policy} is neither 'oracle' nor an existing checkpoint; train one with "
+            f"policy={policy} is neither 'oracle', 'random' nor an existing checkpoint; train one with "
             "`python -m step_lightning.train task=policy` or use policy=oracle."
         )
     return load_policy(policy, mean=spec.mean, std=spec.std)

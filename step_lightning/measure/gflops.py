@@ -3,11 +3,14 @@
 One multiply-add = one FLOP (the paper's convention), batch 1, the whole forward traced: the policy network
 and the supertoken embedding included, attention matmuls counted (fvcore cannot see inside fused
 ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``'s fused kernel: the handles below count them).
-Content-dependent methods (supertokens, early exit) are counted per image.
+Content-dependent methods (supertokens, early exit) are counted per image. Segmenters are counted on the
+padded reference engine (``reference_engine``): the packed engine computes the same thing on buckets
+padded with dummy rows, whose FLOPs are not the method's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 from step_lightning.models.base import SegmenterBase
+from step_lightning.models.engine import reference_engine
 
 
 def _shape(value) -> list[int]:
@@ -66,12 +70,14 @@ def count_gflops(module: torch.nn.Module, *inputs: torch.Tensor | None) -> dict:
     every submodule's share (``by_module``, dotted paths)."""
     was_training = module.training
     module.eval()
+    engine = reference_engine(module) if isinstance(module, SegmenterBase) else contextlib.nullcontext()
     try:
         inputs = tuple(x for x in inputs if x is not None)
-        analysis = FlopCountAnalysis(_TensorOutputs(module), inputs).set_op_handle(**EXTRA_HANDLES)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        by_module = {k.removeprefix("module."): v / 1e9 for k, v in analysis.by_module().items() if k}
-        unsupported = dict(analysis.unsupported_ops())
+        with engine:
+            analysis = FlopCountAnalysis(_TensorOutputs(module), inputs).set_op_handle(**EXTRA_HANDLES)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            by_module = {k.removeprefix("module."): v / 1e9 for k, v in analysis.by_module().items() if k}
+            unsupported = dict(analysis.unsupported_ops())
         return {"gflops": analysis.total() / 1e9, "by_module": by_module, "unsupported": unsupported}
     finally:
         module.train(was_training)

@@ -22,6 +22,10 @@ from step_lightning.config.model import build_model_from_config
 from step_lightning.core import ConfigError
 from step_lightning.models.base import SegmenterBase
 
+# Timed engines of the benchmark: the padded reference, the packed engine, packed + fast (graphs/compile, fused
+# policy; see step_lightning.models.engine).
+ENGINES = ("padded", "packed", "fast")
+
 # Keys a method preset sets: a command-line value of these would override every method alike.
 METHOD_KEYS = ("methods", "method", "tokenizer", "tau", "prune_heads")
 
@@ -94,3 +98,22 @@ def build_models(configs: dict[str, DictConfig], num_classes: int, ignore_index:
         model.force_halt = cfg.get("force_halt")
         models[name] = model.eval()
     return models
+
+
+def apply_engine(model: SegmenterBase, cfg: DictConfig) -> SegmenterBase:
+    """The config's inference engine (``engine``: packed | padded, ``fast``) on ``model``."""
+    model.engine = cfg.get("engine", "packed")
+    model.fast = bool(cfg.get("fast", False))
+    return model
+
+
+def engine_forward(model: SegmenterBase, engine: str):
+    """``forward(images, labels)`` of ``model`` on one of ``ENGINES`` (set at every call: timed passes of
+    several engines interleave)."""
+    engine_name, fast = ("padded", False) if engine == "padded" else ("packed", engine == "fast")
+
+    def forward(images, labels):
+        model.engine, model.fast = engine_name, fast
+        return model(images, labels)
+
+    return forward

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from step_lightning.core.files import atomic_write_text, write_json
+from step_lightning.models.engine import SECTIONS
 
 
 def add_ratios(results: dict[str, dict], reference: str) -> None:
@@ -16,6 +17,14 @@ def add_ratios(results: dict[str, dict], reference: str) -> None:
         row["gflops_ratio"] = ref["gflops"] / row["gflops"]
         row["throughput_ratio"] = row["images_per_s"] / ref["images_per_s"]
         row["throughput_per_gflops_ratio"] = row["throughput_ratio"] / row["gflops_ratio"]
+
+
+def add_engine_ratios(results: dict[str, dict], reference: str) -> None:
+    """Per engine: speedup = method / reference images/s on the same engine, and speedup / GFLOPs ratio."""
+    ref = results[reference]["images_per_s_by_engine"]
+    for row in results.values():
+        row["speedup_by_engine"] = {e: v / ref[e] for e, v in row["images_per_s_by_engine"].items()}
+        row["speedup_per_gflops_by_engine"] = {e: v / row["gflops_ratio"] for e, v in row["speedup_by_engine"].items()}
 
 
 COLUMNS = (
@@ -30,6 +39,10 @@ COLUMNS = (
     ("tokens after exits", "tokens_after_exits", "{}"),
     ("halted", "halted_fraction", "{:.3f}"),
     ("peak MB", "peak_mem_mb", "{:.0f}"),
+    ("fixed ms", "fixed_ms", "{:.1f}"),
+    ("ops", "ops", "{}"),
+    ("ops padded", "padded_ops", "{}"),
+    ("host reads", "host_reads", "{}"),
 )
 
 
@@ -47,6 +60,35 @@ def markdown_table(results: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for name, row in results.items():
         lines.append("| " + " | ".join(cell({**row, "method": name}, key, fmt) for _, key, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def engines_table(results: dict[str, dict]) -> str:
+    """Per method and engine: images/s, speedup over the reference method, speedup / GFLOPs ratio."""
+    engines = list(next(iter(results.values())).get("images_per_s_by_engine", {}))
+    head = ["method", "GFLOPs ratio"] + [f"{e} {k}" for e in engines for k in ("img/s", "speedup", "speedup/GFLOPs")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in results.items():
+        cells = [name, f"{row['gflops_ratio']:.2f}"]
+        for e in engines:
+            cells += [f"{row['images_per_s_by_engine'][e]:.3f}", f"{row['speedup_by_engine'][e]:.2f}",
+                      f"{row['speedup_per_gflops_by_engine'][e]:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def components_table(results: dict[str, dict]) -> str:
+    """Per method: packed-engine ms and dispatched ops per component (the fixed ones first)."""
+    rows = {n: r for n, r in results.items() if "component_ms" in r}
+    if not rows:
+        return ""
+    present = {s for r in rows.values() for s in (*r["component_ms"], *r["component_ops"])}
+    sections = [s for s in (*SECTIONS, "other") if s in present]
+    head = ["method", *(f"{s} ms / ops" for s in sections), "fixed ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [f"{r['component_ms'].get(s, 0.0):.2f} / {r['component_ops'].get(s, 0)}" for s in sections]
+        lines.append("| " + " | ".join([name, *cells, f"{r['fixed_ms']:.2f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -82,10 +124,19 @@ def write_outputs(report: dict, out_dir: Path) -> Path:
     header = (
         f"{setting['backbone']} {setting['resolution']}x{setting['resolution']}, {setting['images']} crops of "
         f"{setting['data']}, policy={setting['policy']}, force_halt={setting['force_halt']}, "
-        f"batch {setting['batch_size']}, device {setting['device']} ({setting['precision']}, "
+        f"batch {setting['batch_size']}, img/s of engine {setting.get('throughput_engine', 'packed')}, "
+        f"device {setting['device']} ({setting['precision']}, "
         f"sdpa {setting['sdpa']}, {setting['threads']} threads), memory: {setting['memory']}"
     )
-    atomic_write_text(out_dir / "benchmark.md", f"{header}\n\n{markdown_table(results)}\n")
+    tables = [markdown_table(results)]
+    if any("images_per_s_by_engine" in r for r in results.values()):
+        tables.append("Throughput per engine (speedup = images/s over the reference method's on the same engine):\n\n"
+                      + engines_table(results))
+    if components := components_table(results):
+        tables.append("Packed engine per component (eager, synchronised at each component; ms per forward of one "
+                      "batch / dispatched non-view ops; fixed = policy + layout + embed + exits + read):\n\n"
+                      + components)
+    atomic_write_text(out_dir / "benchmark.md", header + "\n\n" + "\n\n".join(tables) + "\n")
     with open(out_dir / "benchmark.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow([c[1] for c in COLUMNS])

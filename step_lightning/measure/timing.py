@@ -7,7 +7,6 @@ import time
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from step_lightning.core import ConfigError
 
@@ -18,8 +17,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_passes(models: dict[str, nn.Module], batches: list, cfg: DictConfig, device) -> dict[str, list[float]]:
-    """Seconds per pass over all batches, per method; passes interleaved across methods."""
+def time_passes(models: dict, batches: list, cfg: DictConfig, device) -> dict:
+    """Seconds per pass over all batches, per method (any key -> ``forward(images, labels)``, e.g. a model);
+    passes interleaved across methods."""
     for model in models.values():
         for _ in range(cfg.warmup):
             for images, labels in batches:

@@ -34,6 +34,12 @@ class SegmenterBase(nn.Module, abc.ABC):
     """Tokenizer -> ViT encoder -> ATM head(s). Subclasses define ``forward`` and ``final_head``."""
 
     exit_layers: tuple[int, ...] = ()
+    # Inference engine (step_lightning.models.engine): "packed" (default; packed variable-length tokens) or
+    # "padded" (the per-image padded reference, for debugging). ``fast``: CUDA graphs / compile per bucket
+    # (``fast_backend``) and the fused policy. Training always runs the static masked computation.
+    engine: str = "packed"
+    fast: bool = False
+    fast_backend: str = "cudagraphs"
 
     def __init__(self, encoder: ViTEncoder, num_classes: int, tokenizer: nn.Module | None = None):
         super().__init__()

@@ -12,7 +12,8 @@ Two executions of the same computation:
   carried through the blocks unchanged, so batching, DDP and the loss see fixed shapes and every head gets
   a canvas to supervise;
 * inference (``model.eval()``), halted tokens are physically removed after each exit, so later blocks run
-  on shorter sequences (see ``EarlyExitSegmenter._forward_pruned`` for how and where it syncs).
+  on shorter sequences: the packed engine (``step_lightning.models.engine``, default) or the padded
+  reference ``EarlyExitSegmenter._forward_pruned`` (``model.engine = "padded"``).
 
 ``ExitStats`` collects how many tokens each exit halts (paper Table 7).
 """
@@ -27,6 +28,7 @@ from torch import nn
 from step_lightning.models.atm import ATMHead
 from step_lightning.models.base import SegmenterBase, SegmenterOutput
 from step_lightning.models.canvas import paint_active, paint_slots
+from step_lightning.models.engine import packed_forward, uses_packed
 from step_lightning.models.halting import forced_halting_mask, halting_mask
 from step_lightning.models.tokenizer import TokenBatch
 from step_lightning.models.vit import ViTEncoder, key_mask_to_attn_mask
@@ -39,7 +41,9 @@ class EarlyExitSegmenter(SegmenterBase):
     disables halting (phase-1 training, baselines). ``keep_top_k`` tokens per predicted class stay as
     context. ``force_halt`` (None or a fraction in [0, 1)) replaces the rule at the first exit by halting
     exactly that fraction of each image's tokens: a benchmark knob for speed studies, not the method.
-    ``bucket``: with batch > 1 the shortened sequences are padded to a multiple of it (fewer shapes).
+    ``bucket``: with batch > 1 the shortened sequences are padded to a multiple of it (fewer shapes; padded
+    reference engine only). ``head_layers``: ATM decoder layers of the final head; ``exit_head_layers`` those
+    of every exit head (None = the same; 1 makes exits cheaper).
 
     Output (``SegmenterOutput``): ``outputs`` = one dict per head that ran, exits first, final last,
     ``{"class_logits": [B, K, 2], "mask_logits": that head's canvas on the patch grid [B, K, Hp, Wp]}``.
@@ -59,6 +63,7 @@ class EarlyExitSegmenter(SegmenterBase):
         keep_top_k: int = 5,
         head_layers: int = 3,
         head_num_heads: int | None = None,
+        exit_head_layers: int | None = None,
     ):
         super().__init__(encoder, num_classes, tokenizer)
         heads = tuple(prune_heads)
@@ -69,10 +74,11 @@ class EarlyExitSegmenter(SegmenterBase):
         self.prune_heads = heads
         bounds = (0, *heads, encoder.depth)
         self.stages = list(zip(bounds[:-1], bounds[1:], strict=True))  # 0-indexed [start, end) block ranges
+        exit_depth = head_layers if exit_head_layers is None else exit_head_layers
         self.heads = nn.ModuleList(
-            ATMHead(encoder.embed_dim, num_classes, num_inputs=1, num_layers=head_layers, presence_only=True,
-                    num_heads=head_num_heads)
-            for _ in self.stages
+            ATMHead(encoder.embed_dim, num_classes, num_inputs=1, presence_only=True,
+                    num_layers=head_layers if i == len(heads) else exit_depth, num_heads=head_num_heads)
+            for i in range(len(self.stages))
         )
         self.prune_threshold = prune_threshold
         self.keep_top_k = keep_top_k
@@ -109,9 +115,12 @@ class EarlyExitSegmenter(SegmenterBase):
             return halting_mask(scores, may_halt, self.prune_threshold, self.keep_top_k)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> SegmenterOutput:
-        """``labels`` are read only by an oracle tokenizer policy."""
+        """``labels`` are read only by an oracle tokenizer policy. Training: ``forward_masked``; inference:
+        the packed engine (``step_lightning.models.engine``), or ``_forward_pruned`` with ``engine="padded"``."""
         if self.training:
             return self.forward_masked(images, labels)
+        if uses_packed(self):
+            return packed_forward(self, images, labels)
         return self._forward_pruned(images, labels)
 
     def _output(self, tokens: TokenBatch, outputs: list, halted: list, active: list, **more) -> SegmenterOutput:

@@ -30,6 +30,8 @@ class ModelSpec:
     prune_heads: 1-indexed layers followed by an exit head; () = no early exit (SegViT's cascaded head).
     exit_num_heads: attention heads of an early-exit model's ATM heads (DToP: 6 for ViT-B, 8 or 16 for ViT-L);
     None = one per 32 channels, as SegViT.
+    head_layers / exit_head_layers: ATM decoder layers per head / per exit head (checkpoints saved before
+    exit_head_layers existed rebuild with the default, 3).
     mean/std: the images' normalisation (0..255 scale), which the policy network undoes.
     """
 
@@ -50,6 +52,7 @@ class ModelSpec:
     keep_top_k: int = 5
     head_layers: int = 3
     exit_num_heads: int | None = None
+    exit_head_layers: int = 3
     ignore_index: int = IGNORE_INDEX
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -68,6 +71,10 @@ class ModelSpec:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy} must be one of {', '.join(POLICIES)} in a model spec.")
         check_prune_heads(self.prune_heads, self.depth or backbone_spec(self.backbone).depth)
+        for name in ("head_layers", "exit_head_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value} must be a number of ATM decoder layers >= 1, e.g. {name}=3.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,8 +121,10 @@ def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBa
     encoder = build_encoder(spec)
     tokenizer = build_tokenizer(spec, policy)
     if spec.prune_heads:
-        return EarlyExitSegmenter(encoder, spec.num_classes, spec.prune_heads, tokenizer, spec.prune_threshold,
-                                  spec.keep_top_k, spec.head_layers, spec.exit_num_heads)
+        return EarlyExitSegmenter(
+            encoder, spec.num_classes, spec.prune_heads, tokenizer, spec.prune_threshold, keep_top_k=spec.keep_top_k,
+            head_layers=spec.head_layers, exit_head_layers=spec.exit_head_layers, head_num_heads=spec.exit_num_heads,
+        )
     taps = spec.taps or backbone_spec(spec.backbone).taps
     taps = tuple(t for t in taps if t <= encoder.depth)
     return Segmenter(encoder, spec.num_classes, taps, tokenizer, spec.head_layers)

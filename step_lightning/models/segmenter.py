@@ -8,6 +8,7 @@ from torch import nn
 
 from step_lightning.models.atm import ATMHead
 from step_lightning.models.base import SegmenterBase, SegmenterOutput
+from step_lightning.models.engine import packed_forward, uses_packed
 from step_lightning.models.vit import ViTEncoder
 
 
@@ -34,7 +35,10 @@ class Segmenter(SegmenterBase):
         return self.head
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> SegmenterOutput:
-        """``labels`` are read only by the oracle policy."""
+        """``labels`` are read only by the oracle policy. Eval mode runs the packed engine unless
+        ``engine="padded"`` (this method's own padded computation, the reference)."""
+        if uses_packed(self):
+            return packed_forward(self, images, labels)
         tokens = self.tokenize(images, labels)
         x, mask = tokens.x, tokens.key_padding_mask
         feats, start = [], 0

@@ -46,14 +46,25 @@ class SupertokenEmbed(nn.Module):
     """
 
     def forward(self, images: Tensor, layout: TokenLayout, proj: nn.Conv2d, pos_grid: Tensor) -> Tensor:
-        hp, wp = layout.grid
+        feats = self.pyramid(images, layout.grid, proj, pos_grid)  # [B, S, C]
+        # Padding (size 0) reads entry 0 and is zeroed below.
+        row, col = layout.token_pos.unbind(-1)
+        index = feature_index(layout.token_size, row, col, layout.grid)
+        tokens = feats.gather(1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return tokens * layout.valid.unsqueeze(-1)
+
+    @staticmethod
+    def pyramid(images: Tensor, grid: tuple[int, int], proj: nn.Conv2d, pos_grid: Tensor) -> Tensor:
+        """Every level's embedded windows with their position embedding, token-major: [B, S, C], S = the
+        sum of the level sizes, levels in TOKEN_SIZES order, raster order inside a level (see
+        ``feature_index``)."""
+        hp, wp = grid
         h, w = images.shape[-2:]
         if (h, w) != (16 * hp, 16 * wp):
             raise ValueError(f"images are {h}x{w} px but the layout grid {hp}x{wp} needs {16 * hp}x{16 * wp}")
-        levels, counts = [], []
+        levels = []
         for s in TOKEN_SIZES:
             if hp // s == 0 or wp // s == 0:  # no window of this size fits: no token can use the level
-                counts.append(0)
                 continue
             level = (
                 images
@@ -61,16 +72,18 @@ class SupertokenEmbed(nn.Module):
                 else F.interpolate(images, size=(h // s, w // s), mode="bilinear", align_corners=False, antialias=False)
             )
             pos = pos_grid if s == 1 else F.avg_pool2d(pos_grid, s)
-            levels.append((proj(level) + pos).flatten(2))
-            counts.append((hp // s) * (wp // s))
-        feats = torch.cat(levels, 2)  # [B, C, sum of level sizes], levels in TOKEN_SIZES order
+            levels.append((proj(level) + pos).flatten(2).transpose(1, 2))
+        return torch.cat(levels, 1)
 
-        # Index of each token in feats, with Python scalars only (a lookup tensor built from a list
-        # would be a blocking host-to-device copy). Padding (size 0) reads entry 0 and is zeroed below.
-        size = layout.token_size.clamp(min=1)
-        row, col = layout.token_pos.unbind(-1)
-        index = (row // size) * (wp // size) + col // size
-        for s, count in zip(TOKEN_SIZES, counts, strict=True):
-            index = index + (size > s) * count  # skip the levels before the token's own
-        tokens = feats.gather(2, index.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)
-        return tokens * layout.valid.unsqueeze(-1)
+
+def feature_index(size: Tensor, row: Tensor, col: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Index into ``SupertokenEmbed.pyramid``'s S entries of the token of side ``size`` (patches) whose
+    top-left cell is (row, col); any shape. Python scalars only (a lookup tensor built from a list would be a
+    blocking host-to-device copy); size 0 (padding) reads entry 0."""
+    hp, wp = grid
+    size = size.clamp(min=1)
+    index = (row // size) * (wp // size) + col // size
+    for s in TOKEN_SIZES:
+        count = (hp // s) * (wp // s)
+        index = index + (size > s) * count  # skip the levels before the token's own
+    return index

@@ -12,6 +12,8 @@ Public API
 ``dcts_layout(scores, grid, thresholds)``  STEP's dCTS: coarse-to-fine thresholding of per-size scores.
 ``cts_layout(score2, grid, k)``       CTS baseline: exactly the top-k 2x2 windows merged.
 ``cts_k_for_grid(Hp, Wp)``            CTS's k=103 at 32x32 patches, scaled with the patch count.
+``dcts_size_map`` / ``cts_size_map``  the per-cell size maps the two builders start from (no host sync);
+                                     ``step_lightning.tokens.packed`` packs them for the inference engine.
 ``unshare(values, layout, dim)``      copy per-token values back to every cell they cover.
 
 All builders are vectorised over images and windows (one Python loop over the four window sizes).
@@ -141,11 +143,13 @@ def _window_scores(scores: Tensor, s: int, hp: int, wp: int) -> Tensor:
 
 
 def _expand_windows(accept: Tensor, s: int, hp: int, wp: int) -> Tensor:
-    """bool [B, nh, nw] per window -> bool [B, Hp, Wp] per cell (border cells outside windows False)."""
-    cells = accept.repeat_interleave(s, 1).repeat_interleave(s, 2)
-    out = torch.zeros(accept.shape[0], hp, wp, dtype=torch.bool, device=accept.device)
-    out[:, : cells.shape[1], : cells.shape[2]] = cells
-    return out
+    """bool [B, nh, nw] per window -> bool [B, Hp, Wp] per cell (border cells outside windows False).
+    One copy (expand + reshape), plus one pad when the windows do not tile the grid."""
+    b, nh, nw = accept.shape
+    cells = accept[:, :, None, :, None].expand(b, nh, s, nw, s).reshape(b, nh * s, nw * s)
+    if (nh * s, nw * s) != (hp, wp):
+        cells = torch.nn.functional.pad(cells, (0, wp - nw * s, 0, hp - nh * s))
+    return cells
 
 
 def dcts_layout(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds: Sequence[float]) -> TokenLayout:
@@ -161,6 +165,11 @@ def dcts_layout(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds:
     size s lies inside an accepted larger one iff its top-left cell is already covered.
     One host sync (N, see ``layout_from_size_map``).
     """
+    return layout_from_size_map(dcts_size_map(scores, grid, thresholds))
+
+
+def dcts_size_map(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds: Sequence[float]) -> Tensor:
+    """The per-cell size map [B, Hp, Wp] of ``dcts_layout`` (static shapes, no host sync)."""
     if not scores:
         raise ValueError("dcts_layout needs at least one score map")
     if len(thresholds) != len(WINDOW_SIZES):
@@ -168,16 +177,14 @@ def dcts_layout(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds:
     hp, wp = grid
     ref = next(iter(scores.values()))
     size_map = torch.ones(ref.shape[0], hp, wp, dtype=torch.long, device=ref.device)
-    covered = torch.zeros(ref.shape[0], hp, wp, dtype=torch.bool, device=ref.device)
     for s, tau in sorted(zip(WINDOW_SIZES, thresholds, strict=True), reverse=True):
         nh, nw = hp // s, wp // s
         if s not in scores or nh == 0 or nw == 0:
             continue
-        free = ~covered[:, ::s, ::s][:, :nh, :nw]
+        free = size_map[:, ::s, ::s][:, :nh, :nw] == 1  # top-left cell not covered by a larger window
         accept = _expand_windows((_window_scores(scores[s], s, hp, wp) > tau) & free, s, hp, wp)
-        size_map = torch.where(accept, s, size_map)
-        covered |= accept
-    return layout_from_size_map(size_map)
+        size_map = size_map.masked_fill(accept, s)
+    return size_map
 
 
 def cts_k_for_grid(hp: int, wp: int, k_at_32x32: int = 103) -> int:
@@ -190,6 +197,12 @@ def cts_layout(score2: Tensor, grid: tuple[int, int], k: int) -> TokenLayout:
     """CTS merging: the k highest-scoring 2x2 windows of each image are merged, so every image has
     exactly Hp*Wp - 3k tokens (no padding, no host sync). score2: float [B, Hp//2, Wp//2]."""
     hp, wp = grid
+    return layout_from_size_map(cts_size_map(score2, grid, k), num_slots=hp * wp - 3 * k)
+
+
+def cts_size_map(score2: Tensor, grid: tuple[int, int], k: int) -> Tensor:
+    """The per-cell size map [B, Hp, Wp] of ``cts_layout``."""
+    hp, wp = grid
     flat = _window_scores(score2, 2, hp, wp).flatten(1)
     if not 0 <= k <= flat.shape[1]:
         raise ValueError(f"k={k} must lie in [0, {flat.shape[1]}] for a {hp}x{wp} grid")
@@ -197,8 +210,7 @@ def cts_layout(score2: Tensor, grid: tuple[int, int], k: int) -> TokenLayout:
     # A tensor source (not a Python bool) keeps this traceable by fvcore's jit trace.
     accept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, torch.ones_like(top, dtype=torch.bool))
     cells = _expand_windows(accept.view(-1, hp // 2, wp // 2), 2, hp, wp)
-    size_map = torch.where(cells, 2, torch.ones_like(cells, dtype=torch.long))
-    return layout_from_size_map(size_map, num_slots=hp * wp - 3 * k)
+    return torch.ones_like(cells, dtype=torch.long).masked_fill(cells, 2)
 
 
 def unshare(values: Tensor, layout: TokenLayout, dim: int = -1) -> Tensor:

@@ -8,10 +8,13 @@ Public API
                                   pretrained: True (the package's weights), False, or a timm tag.
 ``homogeneity_targets(labels, grid)``  CTS's per-window training targets, 1 / 0 / 255 (excluded).
 ``OraclePolicy()``                labels -> scores from the targets (upper bound, benchmarks).
+``fused_policy(policy)``          an eval copy for inference: BatchNorm folded into the convolutions,
+                                  channels_last (exact to float rounding).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import timm
@@ -108,6 +111,7 @@ class PolicyNet(nn.Module):
         std = torch.tensor(input_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("in_scale", std / POLICY_STD, persistent=False)
         self.register_buffer("in_shift", (mean - POLICY_MEAN) / POLICY_STD, persistent=False)
+        self.channels_last = False  # fused_policy's copies run their convolutions in channels_last
 
     def _mlp_heads(self, neck_dim: int, hidden_dim: int) -> dict[str, nn.Module]:
         return {
@@ -125,6 +129,8 @@ class PolicyNet(nn.Module):
         hp, wp = h // 16, w // 16
         x = images * self.in_scale + self.in_shift
         x = F.pad(x, (0, -w % 32, 0, -h % 32))  # 0 = grey after the policy's normalisation
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         feat = self.neck(self.backbone(x)[-1])
         out = {}
         for s in self.sizes:
@@ -144,6 +150,37 @@ class PolicyNet(nn.Module):
     def forward(self, images: Tensor) -> dict[int, Tensor]:
         """images -> {s: P(homogeneous) [B, Hp//s, Wp//s]}, ready for ``dcts_layout``."""
         return {s: logit.sigmoid() for s, logit in self.forward_logits(images).items()}
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a Conv2d among a module's children (timm's
+    ``BatchNormAct2d`` included: its activation stays) into that convolution, in place; eval statistics.
+    Returns how many were folded."""
+    from timm.layers import BatchNormAct2d
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names[:-1], names[1:], strict=True):
+            conv, bn = parent._modules[first], parent._modules[second]
+            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                parent._modules[first] = fuse_conv_bn_eval(conv, bn)
+                parent._modules[second] = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else (
+                    nn.Identity())
+                folded += 1
+    return folded
+
+
+@torch.no_grad()
+def fused_policy(policy: PolicyNet) -> PolicyNet:
+    """An inference copy of ``policy``: eval mode, every BatchNorm folded into its convolution, weights and
+    inputs in channels_last. Same scores as ``policy.eval()`` to float rounding (tests: 1e-5)."""
+    dtype = next(policy.parameters()).dtype
+    fused = copy.deepcopy(policy).eval().float()  # fold in fp32, then back to the policy's dtype
+    fold_batchnorms(fused)
+    fused.channels_last = True
+    return fused.to(dtype=dtype, memory_format=torch.channels_last).requires_grad_(False)
 
 
 def homogeneity_targets(

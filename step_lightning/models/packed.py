@@ -1,0 +1,214 @@
+"""Packed variable-length token rows: the bucket ladder, the row bookkeeping, varlen attention and a ViT block.
+
+At inference the surviving tokens of a whole batch live in one [T, C] buffer (image-major), described by
+``Packing``: cumulative sequence lengths ``cu_seqlens`` int32 [B+1], each row's image and position, and a
+dense view [B, L] (L >= the longest image) for the few operations that need one image per row of a matrix
+(per-image top-k of the halting rule, the ATM mask-logit GEMM, the CPU attention reference).
+
+T and L are buckets (``bucket``): the engine reads the true total and longest count once per decision and
+rounds both up the ladder, so every shape between two reads is one of a few per input size. Rows past the
+real total are dummies: they belong to no image, no real row attends to them, and nothing reads their
+values back, so results do not depend on the bucket.
+
+Attention runs variable-length: ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in fp16/bf16;
+elsewhere an exact reference: scaled_dot_product_attention on the dense view with a key mask (a plain
+reshape, no mask, when every image has exactly L tokens and there are no dummies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+LADDER_QUANTUM = 64  # buckets are multiples of 64 rows (tensor-core and kernel tile friendly)
+LADDER_LINEAR_UNTIL = 1024  # every multiple of 64 up to here (steps <= 12.5 % above 512), then ~12.5 % steps
+LADDER_RATIO = 1.125
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+    """The smallest ladder size >= n (64, 128, ..., 1024, then ~12.5 % steps rounded to 64), at most ``cap``
+    (the static upper bound of the quantity, itself a valid size). Wasted rows: < 64 up to 1024, < 12.5 %
+    above, so padding never costs more than a bucket step."""
+    size = max(LADDER_QUANTUM, -(-n // LADDER_QUANTUM) * LADDER_QUANTUM)
+    if size > LADDER_LINEAR_UNTIL:
+        size = LADDER_LINEAR_UNTIL
+        while size < n:
+            size = max(size + LADDER_QUANTUM, round(size * LADDER_RATIO / LADDER_QUANTUM) * LADDER_QUANTUM)
+    return size if cap is None else min(size, cap)
+
+
+def ladder(cap: int) -> list[int]:
+    """Every size ``bucket`` can return below ``cap`` (and ``cap``): the shapes to warm up or capture."""
+    sizes, n = [], 1
+    while True:
+        size = bucket(n, cap)
+        sizes.append(size)
+        if size >= cap:
+            return sizes
+        n = size + 1
+
+
+@dataclass
+class Packing:
+    """Where each of ``rows`` packed rows belongs (see the module doc). Ints and flags are static per bucket.
+
+    counts:     int64 [B]       rows per image (real tokens).
+    cu_seqlens: int32 [B+1]     cumulative counts (flash varlen's layout).
+    row_image:  int64 [rows]    image of each row, B on dummy rows (None: no dummy rows).
+    row_dense:  int64 [rows]    the row's slot b * L + position in the dense view [B * L]; 0 on dummy rows
+                                (None when ``aligned``).
+    dense_row:  int64 [B * L]   the row of each dense slot; 0 on padding slots (None when ``aligned``).
+    key_mask:   bool [B, L]     real slots of the dense view (None when ``uniform``).
+    uniform:    every image has exactly L rows and rows == B * L (plain patches, CTS): no dummies, no mask.
+    aligned:    row r is dense slot r (uniform, or one image padded to rows == L): the dense view is a view.
+    """
+
+    batch: int
+    rows: int
+    max_len: int
+    counts: Tensor
+    cu_seqlens: Tensor
+    row_image: Tensor | None
+    row_dense: Tensor | None
+    dense_row: Tensor | None
+    key_mask: Tensor | None
+    uniform: bool
+    aligned: bool
+    bias: Tensor | None = field(default=None, repr=False)  # cached additive key mask (attn_mask)
+    real_rows: Tensor | None = field(default=None, repr=False)  # cached ``real``
+
+    @staticmethod
+    def regular(batch: int, length: int, device) -> Packing:
+        """Every image ``length`` rows, no dummies (plain patches, CTS): no index tensors needed."""
+        counts = torch.full((batch,), length, dtype=torch.long, device=device)
+        cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+        return Packing(batch, batch * length, length, counts, cu, None, None, None, None, True, True)
+
+    @staticmethod
+    def from_counts(counts: Tensor, rows: int, max_len: int) -> Packing:
+        """Rows of images with ``counts`` tokens (image-major) padded to ``rows``; dense view [B, max_len].
+        Static shapes for given (B, rows, max_len); no host sync."""
+        batch = counts.shape[0]
+        device = counts.device
+        cu = F.pad(counts.cumsum(0), (1, 0))
+        index = torch.arange(rows, device=device)
+        image = torch.searchsorted(cu[1:], index, right=True)  # B past the real total
+        real = image < batch
+        slots = torch.arange(max_len, device=device)
+        key_mask = slots < counts[:, None]
+        aligned = batch == 1 and rows == max_len
+        row_dense = dense_row = None
+        if not aligned:
+            position = index - cu.index_select(0, image)
+            row_dense = torch.where(real, image * max_len + position, 0)
+            dense_row = torch.where(key_mask, cu[:-1, None] + slots, 0).flatten()
+        return Packing(batch, rows, max_len, counts, cu.to(torch.int32), image, row_dense, dense_row, key_mask,
+                       False, aligned, real_rows=real)
+
+    @property
+    def real(self) -> Tensor:
+        """bool [rows]: rows that belong to an image."""
+        if self.real_rows is None:
+            self.real_rows = (torch.ones(self.rows, dtype=torch.bool, device=self.counts.device)
+                              if self.row_image is None else self.row_image < self.batch)
+        return self.real_rows
+
+    def to_dense(self, values: Tensor) -> Tensor:
+        """[rows, ...] -> [B, L, ...]; padding slots hold some row's values (mask them with key_mask)."""
+        if self.aligned:
+            return values.view(self.batch, self.max_len, *values.shape[1:])
+        return values.index_select(0, self.dense_row).view(self.batch, self.max_len, *values.shape[1:])
+
+    def from_dense(self, values: Tensor) -> Tensor:
+        """[B, L, ...] -> [rows, ...]; dummy rows get some slot's values."""
+        flat = values.reshape(self.batch * self.max_len, *values.shape[2:])
+        return flat if self.aligned else flat.index_select(0, self.row_dense)
+
+    def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """[B, 1, 1, L] additive key mask (0 / -inf) for scaled_dot_product_attention on the dense view, built
+        once per packing (a boolean mask would be converted at every call); None: nothing to mask."""
+        if self.key_mask is None:
+            return None
+        if self.bias is None or self.bias.dtype != dtype:
+            zero = torch.zeros((), dtype=dtype, device=self.key_mask.device)
+            self.bias = torch.where(self.key_mask, zero, float("-inf"))[:, None, None, :]
+        return self.bias
+
+
+pytree.register_pytree_node(
+    Packing,
+    lambda p: (
+        [p.counts, p.cu_seqlens, p.row_image, p.row_dense, p.dense_row, p.key_mask],
+        (p.batch, p.rows, p.max_len, p.uniform, p.aligned),
+    ),
+    lambda children, ctx: Packing(*ctx[:3], *children, *ctx[3:]),
+    serialized_type_name="step_lightning.models.packed.Packing",
+)
+
+
+def use_flash_varlen(x: Tensor) -> bool:
+    """Flash varlen attention serves CUDA fp16/bf16; everything else takes the dense reference."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+
+
+def self_attention(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
+    """Attention of every row over the rows of its own image: qkv [rows, 3, H, D] -> [rows, H, D].
+    Dummy rows come back zero (CUDA) or with arbitrary finite values (dense reference)."""
+    if use_flash_varlen(qkv):
+        # one copy to [3, rows, H, D]: q, k, v each packed token-major ([rows, H, D] contiguous), the layout
+        # every varlen backend (flash, cuDNN ragged offsets) reads without stride assumptions
+        q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)
+        out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len, scale)
+        # flash leaves rows past cu_seqlens[-1] unwritten: zero them so dummies stay finite
+        return out if packing.uniform else torch.where(packing.real[:, None, None], out, 0)
+    q, k, v = packing.to_dense(qkv).permute(2, 0, 3, 1, 4).unbind(0)  # one gather for the three
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.attn_mask(q.dtype), scale=scale)
+    return packing.from_dense(out.transpose(1, 2))
+
+
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, scale: float,
+                    k_dense: Tensor | None = None) -> Tensor:
+    """Per-image queries q [B, K, H, D] over that image's rows k, v [rows, H, D] -> [B, K, H, D]
+    (varlen with query lengths K and key lengths ``packing.counts``). ``k_dense``: ``packing.to_dense(k)``
+    if the caller has it already."""
+    b, num_queries = q.shape[:2]
+    if use_flash_varlen(q):
+        cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * num_queries
+        out = _varlen_attn(q.reshape(b * num_queries, *q.shape[2:]), k, v, cu_q, packing.cu_seqlens, num_queries,
+                           packing.max_len, scale)
+        return out.view(q.shape)
+    k_dense = packing.to_dense(k) if k_dense is None else k_dense
+    v_dense = packing.to_dense(v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_dense.transpose(1, 2), v_dense.transpose(1, 2),
+                                         attn_mask=packing.attn_mask(q.dtype), scale=scale)
+    return out.transpose(1, 2)
+
+
+def block_rows(block: nn.Module, x: Tensor, packing: Packing) -> Tensor:
+    """One timm ViT ``Block`` over packed rows x [rows, C], reusing the block's own submodules (so weights
+    are shared with the training path): norms, projections and the MLP run over the rows, attention
+    variable-length per image."""
+    attn = block.attn
+    rows = x.shape[0]
+    y = block.norm1(x)
+    qkv = attn.qkv(y).view(rows, 3, attn.num_heads, attn.head_dim)
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        q, k, v = qkv.unbind(1)
+        qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), 1)
+    out = self_attention(qkv, packing, attn.scale).reshape(rows, attn.attn_dim)
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(y).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
