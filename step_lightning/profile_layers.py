@@ -15,6 +15,7 @@ Writes profile.json, profile.md and profile.png in the run directory; last line 
 
 from __future__ import annotations
 
+import logging
 import statistics
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import run_command
+from step_lightning.config.checks import check_config
 from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
@@ -30,9 +32,12 @@ from step_lightning.measure.layers import Timer, components, gflops_by_component
 from step_lightning.measure.presets import build_models
 from step_lightning.measure.timing import resolve_device
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def profile(cfg: DictConfig) -> dict:
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -88,8 +93,8 @@ def profile(cfg: DictConfig) -> dict:
     atomic_write_text(out_dir / "profile.md", table + "\n")
     plot(report, out_dir / "profile.png")
     path = write_json(out_dir / "profile.json", report)
-    print(table)
-    print(f"profile: {path}")
+    log.info(table)
+    log.info(f"profile: {path}")
     return report
 
 

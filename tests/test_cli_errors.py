@@ -53,7 +53,7 @@ def test_valid_tiny_config_passes_checks(tmp_path):
      RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
     ids=["cuda", "cpu"],
 )
-def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, error):
+def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, caplog, error):
     cfg = compose_config(TINY_RUN, output_dir=tmp_path)
 
     def oom(_cfg):
@@ -62,8 +62,9 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, error)
     monkeypatch.setattr(train_mod, "train", oom)
     with pytest.raises(SystemExit) as info:
         train_mod.main(cfg)  # a DictConfig argument bypasses Hydra's command-line parsing
-    text = str(info.value.code)
-    assert text.startswith("error: out of memory")
+    assert info.value.code == 1
+    text = caplog.records[-1].getMessage()
+    assert text.startswith("error: out of memory") and "\n" not in text
     for setting in ("data.batch_size (now 4", "crop_size (now 64)", "trainer.precision=bf16-mixed", "backbone"):
         assert setting in text
 

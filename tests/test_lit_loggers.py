@@ -3,6 +3,7 @@ one W&B run per job when several jobs share a process (Hydra's sequential multir
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -43,15 +44,16 @@ def test_wandb_offline_runs_hold_config_metrics_and_images(tmp_path, monkeypatch
     assert len(ids) == 2, "each job must be its own W&B run"
 
 
-def test_no_api_key_means_offline(tmp_path, monkeypatch, capsys):
+def test_no_api_key_means_offline(tmp_path, monkeypatch, caplog):
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
     cfg = compose_config(WANDB_RUN, output_dir=tmp_path)
+    caplog.set_level(logging.INFO)
     wandb_offline_unless_logged_in(cfg)
     assert os.environ["WANDB_MODE"] == "offline"
-    assert "logging offline" in capsys.readouterr().out
+    assert "logging offline" in caplog.text
 
 
 def test_wandb_logger_config_groups_and_tags(tmp_path):

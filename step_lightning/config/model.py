@@ -8,9 +8,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.core import ConfigError
 from step_lightning.models.base import SegmenterBase
-from step_lightning.models.checkpoint import load_policy
+from step_lightning.models.checkpoint import load_policy, read_checkpoint
 from step_lightning.models.factory import TOKENIZERS, ModelSpec, build_model
-from step_lightning.tokens.policy import PolicyNet
+from step_lightning.tokens.policy import PolicyNet, window_sizes_for
 
 
 def tokenizer_kind(cfg: DictConfig) -> str:
@@ -29,25 +29,43 @@ def model_spec(cfg: DictConfig, num_classes: int, ignore_index: int) -> ModelSpe
     kind = tokenizer_kind(cfg)
     policy = "oracle" if kind == "patch" or cfg.get("policy", "oracle") in (None, "oracle") else "net"
     options = OmegaConf.to_container(cfg.model, resolve=True)
+    if policy == "net":
+        options["policy_sizes"] = policy_sizes(cfg)
     return ModelSpec(**options, num_classes=num_classes, tokenizer=kind, policy=policy, ignore_index=ignore_index)
+
+
+def policy_sizes(cfg: DictConfig) -> tuple[int, ...]:
+    """The window sizes of the policy network a config uses: those that fit the training crop for
+    ``policy=train`` (the policy phase trains heads for them only), else the ones the checkpoint has."""
+    if str(cfg.policy) == "train":
+        return window_sizes_for(cfg.crop_size)
+    hparams = read_checkpoint(policy_file(cfg), "policy", mmap=True).get("hyper_parameters") or {}
+    if "sizes" not in hparams:
+        raise ConfigError(f"policy={cfg.policy} is not a policy checkpoint (task=policy or policy=train writes one).")
+    return tuple(hparams["sizes"])
+
+
+def policy_file(cfg: DictConfig) -> Path:
+    """The trained policy checkpoint ``policy=`` names (never replaced by the oracle: that would change the method)."""
+    policy = str(cfg.policy)
+    if policy == "train":
+        raise ConfigError(
+            "policy=train trains a policy at the start of a training run; this command needs a trained one: "
+            "policy=<run>/policy/<checkpoint>.ckpt."
+        )
+    if not Path(policy).is_file():
+        raise ConfigError(
+            f"policy={policy} is not an existing file; give a trained policy checkpoint (<run>/policy/*.ckpt), "
+            "or policy=train in a training run."
+        )
+    return Path(policy)
 
 
 def policy_network(cfg: DictConfig, spec: ModelSpec) -> PolicyNet | None:
     """The trained policy a config names (``policy=<checkpoint>``), None for the oracle or plain patches."""
     if spec.policy != "net":
         return None
-    policy = str(cfg.policy)
-    if policy == "train":
-        raise ConfigError(
-            "policy=train trains a policy at the start of a training run; here give a checkpoint "
-            "(policy=<run>/policy/last.ckpt) or policy=oracle."
-        )
-    if not Path(policy).is_file():
-        raise ConfigError(
-            f"policy={policy} is neither 'oracle' nor an existing checkpoint; train one with "
-            "`python -m step_lightning.train task=policy` or use policy=oracle."
-        )
-    return load_policy(policy, mean=spec.mean, std=spec.std)
+    return load_policy(policy_file(cfg), mean=spec.mean, std=spec.std)
 
 
 def build_model_from_config(cfg: DictConfig, num_classes: int, ignore_index: int = 255) -> SegmenterBase:

@@ -3,6 +3,7 @@ atomically with its path printed last."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from step_lightning.core import PATCH_SIZE
 from step_lightning.core.files import write_json
 from step_lightning.core.resize import resize_labels
+
+log = logging.getLogger(__name__)
 
 
 def validation_summary(val: dict, class_names: Sequence[str]) -> dict:
@@ -55,6 +58,6 @@ def write_summary(summary: dict, path: Path, line: str, label: str = "summary") 
     """Write ``path`` atomically (rank 0 only), print ``line`` and then ``<label>: <path>`` last."""
     if rank_zero_only.rank == 0:
         write_json(path, summary)
-        print(line)
-        print(f"{label}: {path}")
+        log.info(line)
+        log.info(f"{label}: {path}")
     return summary
