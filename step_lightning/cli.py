@@ -38,6 +38,9 @@ HARMLESS_WARNINGS = (
     (r"Found \d+ module\(s\) in eval mode", Warning),  # the frozen dCTS policy, on purpose
     (r"The number of training batches .* is smaller than the logging interval", Warning),
     (r".*does not have many workers", Warning),  # num_workers=0 is the synthetic data's choice
+    # DDP: validation metrics are torchmetrics states summed over the ranks, so they are already global.
+    (r"Using `DistributedSampler` with the dataloaders\. During `trainer\.validate\(\)`", Warning),
+    (r"It is recommended to use `self\.log\('val/.*sync_dist=True\)` when logging on epoch level", Warning),
 )
 # Lightning's info messages that are noise here (kept out of the console and the run log by HarmlessFilter).
 HARMLESS_MESSAGES = re.compile(r"`weights_only` was not set|💡 Tip:")

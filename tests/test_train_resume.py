@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_RUN
+from tests.helpers import REPO, TINY_RUN, TINY_STEP_RUN
 
 MAX_STEPS = 40
 RUN = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
@@ -68,3 +69,49 @@ def test_killed_run_resumes_to_the_planned_step_count(tmp_path, sig):
     assert final["lr_schedulers"][0]["last_epoch"] == MAX_STEPS  # the schedule continued, it did not restart
     if sig == signal.SIGTERM:  # an interrupted save would leave its temporary file; none was interrupted
         assert not list((out_dir / "checkpoints").glob(".*.tmp"))
+
+
+POLICY_STEPS = 16
+STEP_RUN = [*TINY_STEP_RUN, f"policy_train.max_steps={POLICY_STEPS}", "policy_train.val_check_interval=4",
+            "trainer.max_steps=2", "callbacks.visualization=null"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_policy_phase_resumes_instead_of_starting_over(tmp_path, sig):
+    """A kill in the policy phase of the default method: the printed ckpt_path exists and continues the
+    policy phase (into a new folder), and a rerun into the same folder continues it (auto_resume)."""
+    first = tmp_path / "first"
+    last = first / "policy" / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "step_lightning.train", *STEP_RUN, f"hydra.run.dir={first}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert last.exists(), "no policy checkpoint appeared"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    interrupted = step_of(last)
+    assert 2 <= interrupted < POLICY_STEPS, "the policy phase was not interrupted"
+    assert not (first / "policy" / "policy.json").exists() and not (first / "checkpoints").exists()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, stderr[-2000:]
+        assert f"error: stopped by SIGTERM; resume with ckpt_path={last} " in stderr
+        out_dir, extra = tmp_path / "second", [f"ckpt_path={last}"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        out_dir, extra = first, []
+    resumed = subprocess.run(
+        [sys.executable, "-m", "step_lightning.train", *STEP_RUN, *extra, f"hydra.run.dir={out_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stdout
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["policy"]["steps"] == POLICY_STEPS and summary["steps"] == 2
+    assert Path(summary["policy"]["checkpoint"]).parent == out_dir / "policy"
+    final = torch.load(out_dir / "policy" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == POLICY_STEPS
+    assert final["lr_schedulers"][0]["last_epoch"] == POLICY_STEPS  # the schedule went on, it did not restart
