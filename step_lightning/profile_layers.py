@@ -2,7 +2,7 @@
 and the early-exit halting/selection steps.
 
     python -m step_lightning.profile_layers method=step_single backbone=vit_b resolution=1024 force_halt=0.4 \
-        data=cityscapes data.root=/work/shared/realdata/cityscapes data.split=train num_images=1
+        data=cityscapes data.root=../shared/realdata/cityscapes data.split=train num_images=1
 
 Time: forward pre/post hooks on the tokenizer, each block and each head, and wrappers around
 ``EarlyExitSegmenter.halt`` (halting rule) and ``._compact`` (token selection/gather), all synchronised on

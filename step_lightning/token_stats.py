@@ -1,6 +1,6 @@
 """Token statistics of a tokenizer over a dataset split (paper Table 2), without running the ViT.
 
-    python -m step_lightning.token_stats data=cityscapes data.root=/work/shared/realdata/cityscapes \
+    python -m step_lightning.token_stats data=cityscapes data.root=../shared/realdata/cityscapes \
         data.split=train resolution=1024 tau=6899 policy=oracle [method=cts]
 
 Inputs are the benchmark's crops (``step_lightning.measure.inputs.sample_crops``): each image resized so its

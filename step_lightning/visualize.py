@@ -2,7 +2,7 @@
 halted blacked out, prediction and ground truth in the dataset's palette, side by side.
 
     python -m step_lightning.visualize method=step_single backbone=vit_b resolution=1024 \
-        data=cityscapes data.root=/work/shared/realdata/cityscapes data.split=train num_images=2 \
+        data=cityscapes data.root=../shared/realdata/cityscapes data.split=train num_images=2 \
         [ckpt_path=outputs/<run>/checkpoints/last.ckpt]   # without it: random weights (use force_halt=0.4)
 
 Inputs are the benchmark's crops (``crop=center`` by default). With ``ckpt_path`` the model is rebuilt from
