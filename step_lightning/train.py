@@ -67,6 +67,8 @@ def train_job(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data)
     if resume is not None and resume.checkpoint is not None:
         log.info(f"resuming from {resume.checkpoint}" + ("" if cfg.get("ckpt_path") else " (auto_resume)"))
+    elif resume is not None:
+        log.info(f"the policy phase is over ({resume.policy['checkpoint']}); training the segmenter (auto_resume)")
     if cfg.task == "policy":
         policy = policy_phase(cfg, datamodule, output_dir, resume)
         summary = {"task": "policy", **policy, "wall_time_s": time.time() - start,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,19 @@ def test_setting_differences_name_every_changed_key():
     current = {"optim": {"lr": 1e-4, "betas": [0.9, 0.999]}, "tags": ["x"], "ckpt_path": "a.ckpt",
                "auto_resume": "force", "new": 1}
     assert differences(saved, current) == ["new: <unset> -> 1", "optim.lr: 0.0005 -> 0.0001", "tags: [] -> ['x']"]
+    moved = [{"paths": {"output_dir": f"/runs/{d}"}, "callbacks": {"dirpath": f"/runs/{d}/checkpoints"}} for d in "ab"]
+    assert differences(*moved) == []
+
+
+@pytest.mark.slow
+def test_finished_policy_phase_is_not_trained_again(tiny_step_run, tmp_path):
+    """A (moved) run folder whose policy phase is over and whose segmenter never wrote a checkpoint: auto_resume
+    goes straight to the segmenter with that policy."""
+    source = tiny_step_run["output_dir"]
+    shutil.copytree(source / "policy", tmp_path / "policy")
+    shutil.copy(source / "run_config.yaml", tmp_path / "run_config.yaml")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "policy").iterdir()}
+    summary = run_train([*TINY_STEP_RUN, "callbacks.visualization=null"], tmp_path)
+    assert summary["policy"] == json.loads((tmp_path / "policy" / "policy.json").read_text())
+    assert summary["config"]["policy"] == summary["policy"]["checkpoint"] and summary["steps"] == 4
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "policy").iterdir()} == before

@@ -109,14 +109,21 @@ def flat(container, prefix: str = "") -> dict:
 
 
 def differences(saved: dict, current: dict) -> list[str]:
-    """``key: old -> new`` for every setting that differs, the resume keys left out."""
-    old, new = flat(saved), flat(current)
+    """``key: old -> new`` for every setting that differs, the resume keys left out. Paths inside each run's
+    own folder compare equal, so a run folder that was moved continues where it is."""
+    old, new = (within_run(flat(c), (c.get("paths") or {}).get("output_dir")) for c in (saved, current))
     changed = []
     for key in sorted(old.keys() | new.keys()):
         if key.split(".")[0] in RESUME_KEYS or old.get(key, "<unset>") == new.get(key, "<unset>"):
             continue
         changed.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
     return changed
+
+
+def within_run(settings: dict, run_dir: str | None) -> dict:
+    if not run_dir:
+        return settings
+    return {k: v.replace(run_dir, "<run dir>") if isinstance(v, str) else v for k, v in settings.items()}
 
 
 def resolved(cfg: DictConfig) -> dict:
