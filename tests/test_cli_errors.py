@@ -238,6 +238,7 @@ def test_corrupt_image_under_loader_workers_is_one_line(tmp_path, caplog):
     assert message.startswith(f"error: {broken}: cannot read this image") and "DataLoader" not in message
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, caplog, monkeypatch):
     real_save = torch.save
     calls = []
