@@ -196,5 +196,5 @@ def test_readme_command(text, readme_run, sweep_dir, tmp_path, monkeypatch):
 def test_project_files_hold_no_machine_paths():
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     offenders = [f for f in files if (REPO / f).is_file() and f.endswith((".py", ".md", ".yaml", ".toml", ".cfg"))
-                 and re.search(r"/work/|/home/|/Users/", (REPO / f).read_text(errors="ignore"))]
+                 and re.search(r"/(?:work|home|Users)/", (REPO / f).read_text(errors="ignore"))]
     assert not offenders, f"absolute machine paths in {offenders}; use ../shared/realdata/... or <root>"
