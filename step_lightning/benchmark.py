@@ -21,6 +21,7 @@ Writes benchmark.json/.md/.csv and plots; the last line printed is ``benchmark: 
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import run_command
+from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.components import component_ops, component_times, fixed_ms
@@ -42,10 +44,13 @@ from step_lightning.measure.statistics import token_statistics
 from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, time_passes
 from step_lightning.metrics import SegMetrics
 
+log = logging.getLogger(__name__)
+
 
 def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Measure ``cfg.methods``; ``overrides`` are the command line's (each method's config is composed
     from them)."""
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size < 1 or cfg.repeats < 1:
@@ -137,8 +142,8 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     path = write_outputs(report, Path(cfg.paths.output_dir))
-    print(Path(cfg.paths.output_dir, "benchmark.md").read_text())
-    print(f"benchmark: {path}")
+    log.info(Path(cfg.paths.output_dir, "benchmark.md").read_text())
+    log.info(f"benchmark: {path}")
     return report
 
 

@@ -13,6 +13,7 @@ image, writes ``eval.json`` in this run's directory and ends with ``eval: <path>
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.summary import headline, validation_summary, write_summary
+
+log = logging.getLogger(__name__)
 
 # Keys that belong to the eval command itself and never come from the training run.
 EVAL_ONLY_KEYS = ("ckpt_path", "run_config")
@@ -134,7 +137,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     ckpt = checkpoint_path(eval_cfg)
     run_cfg = find_run_config(ckpt, eval_cfg.get("run_config"))
     if run_cfg is None:
-        print(f"eval: no run config next to {ckpt}; the dataset comes from the command line")
+        log.info(f"eval: no run config next to {ckpt}; the dataset comes from the command line")
         cfg = eval_cfg
     else:
         cfg = merge_run_config(run_cfg, eval_cfg, overrides)
@@ -153,7 +156,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             f"{ckpt} was trained for {trained_classes} classes but data={cfg.data.name} has "
             f"{datamodule.num_classes}; evaluate on the dataset it was trained on (data=...)."
         )
-    split = cfg.data.get("split")
+    split = cfg.data.get("split") or getattr(datamodule, "split", None)
     loader = datamodule.eval_dataloader(split)
     trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),
@@ -176,8 +179,8 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         "wall_time_s": time.time() - start,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    print(format_table(datamodule.class_names, result["per_class_IoU"].values()))
-    line = f"{headline(result)} images={result['images']} mode={cfg.eval.mode}"
+    log.info(format_table(datamodule.class_names, result["per_class_IoU"].values()))
+    line = f"{headline(result)} images={result['images']} split={split} mode={cfg.eval.mode}"
     return write_summary(result, output_dir / "eval.json", line, label="eval")
 
 

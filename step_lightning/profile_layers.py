@@ -2,7 +2,7 @@
 and the early-exit halting/selection steps.
 
     python -m step_lightning.profile_layers method=step_single backbone=vit_b resolution=1024 force_halt=0.4 \
-        data=cityscapes data.root=/work/shared/realdata/cityscapes data.split=train num_images=1
+        data=cityscapes data.root=../shared/realdata/cityscapes data.split=train num_images=1
 
 Time: forward pre/post hooks on the tokenizer, each block and each head, and wrappers around
 ``EarlyExitSegmenter.halt`` (halting rule) and ``._compact`` (token selection/gather), all synchronised on
@@ -18,6 +18,7 @@ Writes profile.json, profile.md and profile.png in the run directory; last line 
 
 from __future__ import annotations
 
+import logging
 import statistics
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import run_command
+from step_lightning.config.checks import check_config
 from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
@@ -33,9 +35,12 @@ from step_lightning.measure.layers import Timer, components, gflops_by_component
 from step_lightning.measure.presets import build_models
 from step_lightning.measure.timing import resolve_device
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def profile(cfg: DictConfig) -> dict:
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -93,8 +98,8 @@ def profile(cfg: DictConfig) -> dict:
     atomic_write_text(out_dir / "profile.md", table + "\n")
     plot(report, out_dir / "profile.png")
     path = write_json(out_dir / "profile.json", report)
-    print(table)
-    print(f"profile: {path}")
+    log.info(table)
+    log.info(f"profile: {path}")
     return report
 
 

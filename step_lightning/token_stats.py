@@ -1,6 +1,6 @@
 """Token statistics of a tokenizer over a dataset split (paper Table 2), without running the ViT.
 
-    python -m step_lightning.token_stats data=cityscapes data.root=/work/shared/realdata/cityscapes \
+    python -m step_lightning.token_stats data=cityscapes data.root=../shared/realdata/cityscapes \
         data.split=train resolution=1024 tau=6899 policy=oracle [method=cts]
 
 Inputs are the benchmark's crops (``step_lightning.measure.inputs.sample_crops``): each image resized so its
@@ -13,6 +13,7 @@ min over crops), the total and the reduction vs the 16x16 grid, and ends with
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -20,12 +21,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import run_command
+from step_lightning.config.checks import check_config
 from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core.files import write_json
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.metrics import TokenStats
 from step_lightning.models.factory import build_tokenizer
 from step_lightning.tokens.layout import TOKEN_SIZES
+
+log = logging.getLogger(__name__)
 
 
 def format_table(stats: dict, title: str) -> str:
@@ -42,6 +46,7 @@ def format_table(stats: dict, title: str) -> str:
 
 @torch.no_grad()
 def token_stats(cfg: DictConfig) -> dict:
+    check_config(cfg)
     images, labels, names, datamodule = sample_crops(cfg)
     spec = model_spec(cfg, datamodule.num_classes, datamodule.ignore_index)
     tokenizer = build_tokenizer(spec, policy_network(cfg, spec)).eval()
@@ -54,12 +59,12 @@ def token_stats(cfg: DictConfig) -> dict:
         f"{cfg.data.name} {cfg.data.get('split') or ''} {len(names)} crops {cfg.resolution}x{cfg.resolution} "
         f"({cfg.crop}), method={cfg.method} tokenizer={cfg.tokenizer} tau={cfg.tau} policy={cfg.policy}"
     )
-    print(format_table(result, setting))
+    log.info(format_table(result, setting))
     write_json(
         Path(cfg.paths.output_dir) / "tokens.json",
         {"stats": result, "crops": names, "config": OmegaConf.to_container(cfg, resolve=True)},
     )
-    print(f"tokens_mean={result['total']['mean']:.1f} reduction={result['reduction']:.3f}")
+    log.info(f"tokens_mean={result['total']['mean']:.1f} reduction={result['reduction']:.3f}")
     return result
 
 

@@ -1,15 +1,15 @@
 """Training entry point.
 
-    python -m step_lightning.train [overrides]     e.g. backbone=vit_l data=ade20k method=step tau=6899
+    python -m step_lightning.train [overrides]     e.g. backbone=vit_l prune_heads=[8,16] tau=6899 data=ade20k
 
 Fits, validates the best checkpoint, writes ``summary.json`` in the run directory and prints its path last.
-Mistakes the user must fix end with one ``error: ...`` line and exit status 1; SIGTERM saves
-``checkpoints/last.ckpt`` and exits with 143.
+Mistakes the user must fix end with one ``error: ...`` line and exit status 1; SIGTERM saves the phase's
+``last.ckpt`` (``policy/`` or ``checkpoints/``), names it and exits with 143.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -22,14 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from step_lightning.cli import run_command
 from step_lightning.config.checks import check_config, check_training_weights
 from step_lightning.config.model import tokenizer_kind
-from step_lightning.core import ConfigError
 from step_lightning.core.files import read_json
-from step_lightning.lit.callbacks.durability import LAST
+from step_lightning.lit.callbacks.durability import LAST, checkpoint_dir
 from step_lightning.lit.ddp import job_distributed_scope, use_hydra_ddp_command
 from step_lightning.lit.loggers import finish_wandb, instantiate_group, log_final, wandb_offline_unless_logged_in
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.lit.policy_phase import train_policy
+from step_lightning.lit.resume import POLICY_DIR, Resume, plan_resume, save_run_config
 from step_lightning.lit.summary import headline, sample_batch, validation_gflops, validation_summary, write_summary
+from step_lightning.models.checkpoint import load_weights, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -42,34 +45,50 @@ def train(cfg: DictConfig) -> dict:
         return train_job(cfg)
 
 
+class Stopped(SIGTERMException):
+    """SIGTERM stopped a phase; ``checkpoint`` is the last.ckpt it saved (LastCheckpoint) to resume from, or
+    None where only a rerun of the same command continues (DToP's first phase)."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(143)
+        self.checkpoint = checkpoint
+
+
+def trains_policy(cfg: DictConfig) -> bool:
+    return cfg.task == "policy" or (str(cfg.policy) == "train" and tokenizer_kind(cfg) != "patch")
+
+
 def train_job(cfg: DictConfig) -> dict:
     start = time.time()
     check_config(cfg)
     check_training_weights(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    resume = resume_path(cfg, output_dir) if cfg.task != "policy" else None
+    resume = plan_resume(cfg, output_dir, trains_policy(cfg))
+    save_run_config(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    if resume is not None and resume.checkpoint is not None:
+        log.info(f"resuming from {resume.checkpoint}" + ("" if cfg.get("ckpt_path") else " (auto_resume)"))
+    elif resume is not None:
+        log.info(f"the policy phase is over ({resume.policy['checkpoint']}); training the segmenter (auto_resume)")
     if cfg.task == "policy":
-        policy = train_policy(cfg, datamodule, output_dir)
+        policy = policy_phase(cfg, datamodule, output_dir, resume)
         summary = {"task": "policy", **policy, "wall_time_s": time.time() - start,
                    "config": OmegaConf.to_container(cfg, resolve=True)}
         return write_summary(summary, output_dir / "summary.json", f"policy checkpoint: {policy['checkpoint']}")
 
-    policy_summary = None
-    if cfg.policy == "train" and tokenizer_kind(cfg) != "patch" and not resume:
-        policy_summary = train_policy(cfg, datamodule, output_dir)
-        cfg.policy = policy_summary["checkpoint"]
+    policy_summary = resume.policy if resume is not None else None
+    if trains_policy(cfg):
+        if resume is None or resume.phase == "policy":
+            policy_summary = policy_phase(cfg, datamodule, output_dir, resume)
+        if resume is None or resume.checkpoint is None or resume.phase == "policy":
+            cfg.policy = policy_summary["checkpoint"]  # the segmenter starts afresh with this policy
+    segment_resume = resume if resume is not None and resume.phase == "segment" and resume.checkpoint else None
     phases = {}
     if two_phases(cfg):
-        first = no_halting_phase(cfg, output_dir / NO_HALTING)
-        done = output_dir / NO_HALTING / "summary.json"
-        # Resumable: a finished first phase is kept; an interrupted one continues from its own last.ckpt.
-        phases[NO_HALTING] = read_json(done) if done.is_file() else fit_segmenter(
-            first, datamodule, resume_path(first, output_dir / NO_HALTING), policy_summary, start
-        )
+        phases[NO_HALTING] = no_halting_phase(cfg, datamodule, output_dir / NO_HALTING, policy_summary, start)
         cfg = halting_phase(cfg, phases[NO_HALTING]["checkpoint"])
-    return fit_segmenter(cfg, datamodule, resume, policy_summary, start, phases)
+    return fit_segmenter(cfg, datamodule, segment_resume, policy_summary, start, phases)
 
 
 NO_HALTING = "no_halting"  # the run's subfolder of DToP's first phase
@@ -80,11 +99,21 @@ def two_phases(cfg: DictConfig) -> bool:
     return bool(cfg.prune_heads) and cfg.prune_threshold < 1.0 and cfg.get("halting_finetune_steps", 0) > 0
 
 
-def no_halting_phase(cfg: DictConfig, output_dir: Path) -> DictConfig:
+def no_halting_phase(cfg: DictConfig, datamodule, folder: Path, policy_summary: dict | None, start: float) -> dict:
+    """DToP's first phase in ``folder``: the same training with halting off. A finished phase is kept; an
+    interrupted one continues from its own last.ckpt."""
+    done = folder / "summary.json"
+    if done.is_file():
+        return read_json(done)
     first = cfg.copy()
-    first.paths.output_dir = str(output_dir)
+    first.paths.output_dir = str(folder)
     first.prune_threshold = 1.0
-    return first
+    last = folder / "checkpoints" / LAST
+    resume = Resume("segment", checkpoint=last, state=read_checkpoint(last)) if last.is_file() else None
+    try:
+        return fit_segmenter(first, datamodule, resume, policy_summary, start)
+    except Stopped:
+        raise Stopped(None) from None
 
 
 def halting_phase(cfg: DictConfig, checkpoint: str) -> DictConfig:
@@ -97,12 +126,14 @@ def halting_phase(cfg: DictConfig, checkpoint: str) -> DictConfig:
 
 
 def fit_segmenter(
-    cfg: DictConfig, datamodule, resume: Path | None, policy_summary: dict | None, start: float, phases=None
+    cfg: DictConfig, datamodule, resume: Resume | None, policy_summary: dict | None, start: float, phases=None
 ) -> dict:
-    """Fit, validate the best checkpoint, write ``<cfg.paths.output_dir>/summary.json`` (with the summaries of
-    earlier ``phases``); returns the summary."""
+    """Fit (continuing ``resume``), validate the best checkpoint, write ``<cfg.paths.output_dir>/summary.json``
+    (with the summaries of earlier ``phases``); returns the summary."""
     output_dir = Path(cfg.paths.output_dir)
-    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, bool(resume))
+    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, resume is not None)
+    if resume is not None:  # one line, not Lightning's list of every mismatching tensor
+        load_weights(module.model, resume.state, key=f"ckpt_path={resume.checkpoint}")
     loggers = instantiate_group(cfg.get("logger"))
     try:
         trainer: L.Trainer = hydra.utils.instantiate(
@@ -110,10 +141,13 @@ def fit_segmenter(
         )
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-        best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-        checkpoint = best.best_model_path if best else ""
-        trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
+            best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+            checkpoint = best.best_model_path if best else ""
+            trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
+        except SIGTERMException:
+            raise Stopped(checkpoint_dir(trainer) / LAST) from None
         summary = {
             "method": cfg.get("method"),
             **validation_summary(module.last_val, datamodule.class_names),
@@ -126,33 +160,34 @@ def fit_segmenter(
             **({"phases": phases} if phases else {}),
         }
         log_final(loggers, summary, trainer.global_step)
-        return write_summary(summary, output_dir / "summary.json", headline(summary))
     finally:
-        finish_wandb(loggers)
+        finish_wandb(loggers)  # before the summary line, which stays the last one printed
+    return write_summary(summary, output_dir / "summary.json", headline(summary))
 
 
-def resume_path(cfg: DictConfig, output_dir: Path) -> Path | None:
-    """``ckpt_path`` if given, else (``auto_resume``) this run directory's own last.ckpt, which a requeued
-    SLURM job or a rerun into the same ``hydra.run.dir`` finds."""
-    if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a run's checkpoints/{LAST}.")
-        return path
-    own = output_dir / "checkpoints" / LAST
-    if cfg.get("auto_resume") and own.is_file():
-        print(f"resuming from {own} (auto_resume)")
-        return own
-    return None
+def policy_phase(cfg: DictConfig, datamodule, output_dir: Path, resume: Resume | None) -> dict:
+    """The policy phase, continued from ``resume`` when it is the policy's; SIGTERM names its last.ckpt."""
+    continued = resume is not None and resume.phase == "policy"
+    try:
+        return train_policy(cfg, datamodule, output_dir, resume.checkpoint if continued else None,
+                            resume.state if continued else None)
+    except SIGTERMException:
+        raise Stopped(output_dir / POLICY_DIR / LAST) from None
 
 
 def train_command(cfg: DictConfig) -> float:
     """The objective for Hydra sweepers: the final val mIoU (NaN for task=policy)."""
     try:
         return float(train(cfg).get("mIoU", float("nan")))
-    except SIGTERMException:
-        print(f"error: stopped by SIGTERM; resume with ckpt_path={Path(cfg.paths.output_dir) / 'checkpoints' / LAST}",
-              file=sys.stderr)
+    except Stopped as stop:
+        if stop.checkpoint is not None and stop.checkpoint.is_file():
+            how = (f"resume with ckpt_path={stop.checkpoint} (or rerun the same command with "
+                   f"hydra.run.dir={cfg.paths.output_dir})")
+        elif stop.checkpoint is None:
+            how = f"rerun the same command with hydra.run.dir={cfg.paths.output_dir} (it continues where it stopped)"
+        else:
+            how = "nothing was saved yet; rerun the same command"
+        log.error(f"error: stopped by SIGTERM; {how}")
         raise SystemExit(143) from None
 
 

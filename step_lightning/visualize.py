@@ -2,7 +2,7 @@
 halted blacked out, prediction and ground truth in the dataset's palette, side by side.
 
     python -m step_lightning.visualize method=step_single backbone=vit_b resolution=1024 \
-        data=cityscapes data.root=/work/shared/realdata/cityscapes data.split=train num_images=2 \
+        data=cityscapes data.root=../shared/realdata/cityscapes data.split=train num_images=2 \
         [ckpt_path=outputs/<run>/checkpoints/last.ckpt]   # without it: random weights (use force_halt=0.4)
 
 Inputs are the benchmark's crops (``crop=center`` by default). With ``ckpt_path`` the model is rebuilt from
@@ -13,6 +13,7 @@ the checkpoint alone; without, the command line's config describes it. One PNG p
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -20,13 +21,17 @@ import torch
 from omegaconf import DictConfig
 
 from step_lightning.cli import run_command
+from step_lightning.config.checks import check_config
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.presets import build_models
 from step_lightning.measure.render import render_panels, save_png
 
+log = logging.getLogger(__name__)
+
 
 def visualize(cfg: DictConfig) -> list[Path]:
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     images, labels, names, datamodule = sample_crops(cfg)
@@ -51,8 +56,8 @@ def visualize(cfg: DictConfig) -> list[Path]:
         for figure, name in zip(figures, names[chunk], strict=True):
             paths.append(save_png(figure, out_dir / f"{cfg.method}_{name.replace('/', '_').replace('@', '_')}.png"))
     for path in paths:
-        print(path)
-    print(f"visualize: {out_dir}")
+        log.info(path)
+    log.info(f"visualize: {out_dir}")
     return paths
 
 

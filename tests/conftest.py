@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from tests.helpers import TINY_RUN, compose_config, run_train
+from tests.helpers import TINY_RUN, TINY_STEP_RUN, compose_config, run_train
 
 
 @pytest.fixture
@@ -26,4 +26,12 @@ def tiny_run(tmp_path_factory) -> dict:
     """One tiny SegViT training run shared by the tests that read its outputs (summary, checkpoints)."""
     output_dir = tmp_path_factory.mktemp("tiny_run")
     summary = run_train(TINY_RUN, output_dir)
+    return {"summary": summary, "output_dir": output_dir}
+
+
+@pytest.fixture(scope="session")
+def tiny_step_run(tmp_path_factory) -> dict:
+    """One tiny run of the default method (STEP: policy phase, then segmenter) shared by the tests that read it."""
+    output_dir = tmp_path_factory.mktemp("tiny_step_run")
+    summary = run_train([*TINY_STEP_RUN, "callbacks.visualization=null"], output_dir)
     return {"summary": summary, "output_dir": output_dir}

@@ -18,6 +18,8 @@ CONF_DIR = REPO / "step_lightning" / "conf"
 # A SegViT run that trains and validates in seconds on CPU (debug=tiny: 2-layer ViT-Ti, 64 px), 16 train / 4 val
 # scenes. The method and policy are pinned so that changes of train.yaml's defaults do not change these tests.
 TINY_RUN = ["debug=tiny", "method=segvit", "policy=oracle", "data.num_train=16", "data.num_val=4"]
+# The default method the same size: STEP, its policy trained first in the run (policy phase, then segmenter).
+TINY_STEP_RUN = ["debug=tiny", "method=step", "policy=train", "data.num_train=16", "data.num_val=4"]
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train", output_dir: Path | None = None):

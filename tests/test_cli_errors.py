@@ -1,14 +1,20 @@
-"""Failure behaviour: configuration mistakes before any data/model, NaN loss, out of memory, atomic checkpoints."""
+"""Failure behaviour: configuration mistakes before any data/model, NaN loss, out of memory, atomic checkpoints,
+and the one error ladder of every command: measurement commands' mistakes, corrupt or mismatched checkpoints,
+data errors inside loader workers and a full disk are one line; leftover temporary files are removed."""
 
 from __future__ import annotations
+
+import errno
 
 import pytest
 import torch
 
 from step_lightning import train as train_mod
+from step_lightning.cli import one_line_error, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.callbacks.durability import AtomicCheckpointIO, NonFiniteLossError
+from tests.data_builders import make_ade
 from tests.helpers import REPO, TINY_RUN, compose_config, run_module, run_train
 
 MISTAKES = [
@@ -53,7 +59,7 @@ def test_valid_tiny_config_passes_checks(tmp_path):
      RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")],
     ids=["cuda", "cpu"],
 )
-def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, error):
+def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, caplog, error):
     cfg = compose_config(TINY_RUN, output_dir=tmp_path)
 
     def oom(_cfg):
@@ -62,8 +68,9 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, error)
     monkeypatch.setattr(train_mod, "train", oom)
     with pytest.raises(SystemExit) as info:
         train_mod.main(cfg)  # a DictConfig argument bypasses Hydra's command-line parsing
-    text = str(info.value.code)
-    assert text.startswith("error: out of memory")
+    assert info.value.code == 1
+    text = caplog.records[-1].getMessage()
+    assert text.startswith("error: out of memory") and "\n" not in text
     for setting in ("data.batch_size (now 4", "crop_size (now 64)", "trainer.precision=bf16-mixed", "backbone"):
         assert setting in text
 
@@ -137,3 +144,134 @@ def test_cli_unknown_group_option_is_reported_cleanly(tmp_path):
     assert "vit_b" in result.stderr  # the available options are listed
     assert "Traceback" not in result.stderr + result.stdout
     assert str(REPO) not in result.stdout
+
+
+def error_line(caplog, command, cfg) -> str:
+    """Run ``command`` through the shared ladder; the one ``error: ...`` line it ends with."""
+    with pytest.raises(SystemExit) as info:
+        run_command(command, cfg)
+    assert info.value.code == 1
+    message = caplog.records[-1].getMessage()
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def garbage_checkpoint(tmp_path) -> str:
+    path = tmp_path / "corrupt.ckpt"
+    path.write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
+    return str(path)
+
+
+def measure_mistakes(tmp_path):
+    from step_lightning.benchmark import benchmark
+    from step_lightning.flops import flops
+    from step_lightning.profile_layers import profile
+    from step_lightning.token_stats import token_stats
+    from step_lightning.visualize import visualize
+
+    tiny = ["debug=tiny", "resolution=64", "num_images=1", "data.num_val=2"]
+    return [
+        (flops, "flops", [f"ckpt_path={garbage_checkpoint(tmp_path)}"], "is not a readable checkpoint"),
+        (token_stats, "tokens", [*tiny, "data.num_classes=2"], "data.num_classes=2: the synthetic scenes need >= 3"),
+        (benchmark, "benchmark", [*tiny, "methods=[nope]"], "method entry 'nope'"),
+        (profile, "profile", [*tiny, "crop=diagonal"], "crop=diagonal must be 'center' or 'tiles'"),
+        (visualize, "visualize", ["crop_size=70", "resolution=70"], "crop_size=70 must be a positive multiple of 16"),
+        (visualize, "visualize", [*tiny, "method=dcts", "policy=/nowhere/policy.ckpt"], "policy=/nowhere/policy.ckpt"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=["flops", "token_stats", "benchmark", "profile_layers", "visualize",
+                                                  "visualize-policy"])
+def test_measurement_command_mistakes_are_one_line(tmp_path, caplog, case):
+    command, config, overrides, expected = measure_mistakes(tmp_path)[case]
+    cfg = compose_config(overrides, config, tmp_path / "out")
+    message = error_line(caplog, lambda c: command(c, overrides) if config == "benchmark" else command(c), cfg)
+    assert expected in message
+    assert "oracle" not in message  # a fix that changes the method is never suggested
+
+
+@pytest.mark.parametrize("config", ["train", "eval"])
+def test_corrupt_checkpoint_is_one_line(tmp_path, caplog, config):
+    from step_lightning.eval import evaluate
+
+    path = garbage_checkpoint(tmp_path)
+    cfg = compose_config([*TINY_RUN, f"ckpt_path={path}"], config, tmp_path / "out")
+    command = train_mod.train_command if config == "train" else lambda c: evaluate(c, [f"ckpt_path={path}"])
+    message = error_line(caplog, command, cfg)
+    assert f"ckpt_path={path} is not a readable checkpoint" in message and "weights_only" not in message
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_backbone_is_one_line(tiny_run, tmp_path):
+    last = tiny_run["output_dir"] / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError) as info:
+        run_train([*TINY_RUN, "backbone=vit_s", f"ckpt_path={last}"], tmp_path)
+    message = str(info.value)
+    assert "does not fit this model" in message and "\n" not in message and len(message) < 500
+
+
+def test_data_worker_errors_keep_the_original_message(tmp_path):
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            raise ConfigError(f"{tmp_path}/img{index}.jpg: cannot read this image; delete it with its label.")
+
+    loader = torch.utils.data.DataLoader(Broken(), num_workers=2)
+    with pytest.raises(ConfigError) as info:
+        next(iter(loader))
+    assert "DataLoader worker" in str(info.value) and "Traceback" in str(info.value)
+    line = one_line_error(info.value, compose_config(TINY_RUN, output_dir=tmp_path))
+    assert line == f"{tmp_path}/img0.jpg: cannot read this image; delete it with its label."
+
+
+@pytest.mark.slow
+def test_corrupt_image_under_loader_workers_is_one_line(tmp_path, caplog):
+    root = make_ade(tmp_path / "data", {"training": 4, "validation": 2})
+    broken = root / "images" / "training" / "ADE_train_00000001.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    overrides = ["debug=tiny", "method=segvit", "data=ade20k", f"data.root={root}", "data.num_workers=2",
+                 "data.batch_size=2"]
+    cfg = compose_config(overrides, output_dir=tmp_path / "run")
+    message = error_line(caplog, train_mod.train_command, cfg)
+    assert message.startswith(f"error: {broken}: cannot read this image") and "DataLoader" not in message
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, caplog, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def fills_the_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    cfg = compose_config([*TINY_RUN, "callbacks.visualization=null"], output_dir=tmp_path)
+    message = error_line(caplog, train_mod.train_command, cfg)
+    assert message.startswith("error: no space left on device") and "hydra.run.dir" in message
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_leftover_temporary_files_are_removed_at_the_start(tmp_path):
+    stale = [tmp_path / "checkpoints" / ".last.ckpt.k3j_x9a2.tmp", tmp_path / ".summary.json.abcdefgh.tmp"]
+    kept = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / ".hydra" / "config.yaml", tmp_path / ".notes.tmp"]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert run_command(lambda c: "ran", compose_config(TINY_RUN, output_dir=tmp_path)) == "ran"
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+@pytest.mark.slow
+def test_measurement_cli_error_is_one_line(tmp_path):
+    result = run_module("step_lightning.benchmark", ["debug=tiny", "resolution=64", "methods=[nope]"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: method entry 'nope'")
+    assert "Traceback" not in result.stderr + result.stdout

@@ -70,7 +70,7 @@ def test_logger_options_instantiate(compose_cfg, tmp_path, option):
 def test_callbacks_and_synthetic_data_instantiate(compose_cfg):
     cfg = compose_cfg(["crop_size=32", "data.num_train=2", "data.num_val=2"])
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-    assert {"ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"} <= {type(c).__name__ for c in callbacks}
+    assert {"BestCheckpoint", "LearningRateMonitor", "TQDMProgressBar"} <= {type(c).__name__ for c in callbacks}
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     sample = datamodule.val_set[0]

@@ -1,5 +1,6 @@
 """Hydra multirun with list values and DDP inside it (trainer=ddp_sim: 2 CPU processes, gloo, the same
-subprocess launcher as trainer=ddp on GPUs), and DDP evaluation equal to one process."""
+subprocess launcher as trainer=ddp on GPUs) running the default method, and DDP evaluation equal to one
+process."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from step_lightning.eval import evaluate
 from step_lightning.lit.ddp import hydra_ddp_command
-from tests.helpers import CONF_DIR, REPO, TINY_RUN, compose_config
+from tests.helpers import CONF_DIR, REPO, TINY_STEP_RUN, compose_config
 
 
 @pytest.fixture(scope="module")
 def ddp_multirun(tmp_path_factory):
-    """Two jobs (no exit head / an exit head after layer 1), each trained by 2 DDP processes."""
+    """Two jobs of the default method (no exit head / an exit head after layer 1), each trained by 2 DDP
+    processes: the policy phase (heads only for the windows a 64 px crop holds, else DDP finds parameters
+    without gradients), then the segmenter."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    run_tiny = [o for o in TINY_RUN if not o.startswith("callbacks.progress_bar")] + ["callbacks.visualization=null"]
+    run_tiny = [*TINY_STEP_RUN, "callbacks.visualization=null"]
     result = subprocess.run(
         [sys.executable, "-m", "step_lightning.train", "-m", *run_tiny, "trainer=ddp_sim", "prune_heads=[],[1]",
          f"hydra.sweep.dir={sweep_dir}"],
@@ -41,7 +44,9 @@ def test_multirun_list_values_give_one_directory_and_summary_per_job(ddp_multiru
     assert [s["config"]["prune_heads"] for s in summaries] == [[], [1]]
     assert summaries[0]["exit_stats"] is None and summaries[1]["exit_stats"] is not None
     for job, summary in zip(jobs, summaries, strict=True):
-        assert summary["steps"] == 4
+        assert summary["steps"] == 4 and summary["policy"]["steps"] == 4
+        assert summary["config"]["policy"] == summary["policy"]["checkpoint"]
+        assert summary["policy"]["checkpoint"].startswith(str(job / "policy"))
         assert summary["config"]["paths"]["output_dir"] == str(job)
         # Rank 1 ran this job's config in this job's directory (its log is there), not a new sweep.
         assert (job / "train_rank1.log").is_file()

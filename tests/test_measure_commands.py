@@ -151,3 +151,26 @@ def test_collect_sweep_table(tmp_path):
     rows = [line for line in table.splitlines() if "tau=" in line]
     assert [r.split("|")[2].strip() for r in rows] == ["tau=4999", "tau=6899"]  # sorted by GFLOPs
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.slow
+def test_commands_rebuild_a_trained_model_from_its_checkpoint(tiny_step_run, tmp_path):
+    """A STEP training checkpoint (2-layer ViT-Ti, trained policy) used by flops, benchmark, profile_layers and
+    visualize with none of its training overrides repeated: the command lines describe only the input."""
+    from step_lightning.benchmark import benchmark
+    from step_lightning.flops import flops
+    from step_lightning.profile_layers import profile
+    from step_lightning.visualize import visualize
+
+    ckpt = tiny_step_run["summary"]["checkpoint"]
+    inputs = ["resolution=64", "num_images=1", "data.num_val=2", "repeats=1", "warmup=0"]
+    flops(compose_config([f"ckpt_path={ckpt}", "resolution=64"], "flops", tmp_path / "flops"))
+    by_module = json.loads((tmp_path / "flops" / "flops.json").read_text())["by_module"]
+    assert by_module["tokenizer"] > 0 and "encoder.blocks.2" not in by_module  # the policy, 2 blocks
+    overrides = [*inputs, "methods=[segvit,step]", f"checkpoints={{step: {ckpt}}}"]
+    report = benchmark(compose_config(overrides, "benchmark", tmp_path / "benchmark"), overrides)
+    assert report["methods"]["step"]["mIoU"] is not None and report["methods"]["segvit"].get("mIoU") is None
+    rows = profile(compose_config([*inputs, f"ckpt_path={ckpt}"], "profile", tmp_path / "profile"))["rows"]
+    assert {"block 1", "block 2", "exit head 1 (L1)"} <= set(rows) and "block 3" not in rows
+    paths = visualize(compose_config([*inputs, f"ckpt_path={ckpt}"], "visualize", tmp_path / "vis"))
+    assert len(paths) == 1 and Image.open(paths[0]).size[0] > 300

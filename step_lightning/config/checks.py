@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from step_lightning.config.model import policy_file, tokenizer_kind
 from step_lightning.core import PATCH_SIZE, ConfigError
 from step_lightning.models.backbones import backbone_spec
 from step_lightning.models.factory import check_prune_heads
+from step_lightning.tokens.policy import window_sizes_for
 from step_lightning.tokens.tau import parse_tau
 
 
@@ -42,6 +44,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"backbone.taps={taps} must be increasing layer numbers within 1..{depth}.")
     if cfg.get("tau") is not None:
         parse_tau(cfg.tau)
+    check_policy(cfg)
     world = world_size(cfg.trainer)
     if world and "batch_size" in cfg.data and cfg.data.batch_size % world:
         raise ConfigError(
@@ -61,4 +64,17 @@ def check_training_weights(cfg: DictConfig) -> None:
             f"data={cfg.data.name} would train a {cfg.backbone.name} from random weights; name pretrained weights "
             "(backbone.pretrained=<timm tag or file>, e.g. vit_base_patch16_384.augreg_in21k_ft_in1k) or ask for "
             "random ones on purpose with backbone.pretrained=none."
+        )
+
+
+def check_policy(cfg: DictConfig) -> None:
+    """A supertoken method's policy: trainable on this crop (policy=train) or an existing checkpoint."""
+    if tokenizer_kind(cfg) == "patch" or cfg.get("policy") in (None, "oracle"):
+        return
+    if str(cfg.policy) != "train":
+        policy_file(cfg)
+    elif not window_sizes_for(cfg.crop_size):
+        raise ConfigError(
+            f"crop_size={cfg.crop_size} holds no 2x2 window of {PATCH_SIZE} px patches for policy=train to learn; "
+            f"use crop_size >= {2 * PATCH_SIZE}."
         )

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.core import ConfigError
 from step_lightning.models.base import SegmenterBase
-from step_lightning.models.checkpoint import load_policy
+from step_lightning.models.checkpoint import load_policy, read_checkpoint
 from step_lightning.models.factory import TOKENIZERS, ModelSpec, build_model
-from step_lightning.tokens.policy import PolicyNet
-from step_lightning.tokens.tau import WINDOW_SIZES
+from step_lightning.tokens.policy import PolicyNet, window_sizes_for
 
 
 def tokenizer_kind(cfg: DictConfig) -> str:
@@ -30,17 +29,36 @@ def model_spec(cfg: DictConfig, num_classes: int, ignore_index: int) -> ModelSpe
     kind = tokenizer_kind(cfg)
     policy = "oracle" if kind == "patch" or cfg.get("policy", "oracle") in (None, "oracle") else "net"
     options = OmegaConf.to_container(cfg.model, resolve=True)
-    sizes, head = policy_architecture(kind, cfg.crop_size)
-    return ModelSpec(**options, num_classes=num_classes, tokenizer=kind, policy=policy, ignore_index=ignore_index,
-                     policy_sizes=sizes, policy_head=head)
+    if policy == "net":
+        options["policy_sizes"], options["policy_head"] = policy_architecture(cfg)
+    return ModelSpec(**options, num_classes=num_classes, tokenizer=kind, policy=policy, ignore_index=ignore_index)
 
 
-def policy_architecture(kind: str, crop_size: int) -> tuple[tuple[int, ...], str]:
-    """The policy network's window sizes and head: CTS scores 2x2 windows with one 1x1 conv; dCTS every size
-    with a window inside the crop (a head for a size that never fits would get no gradient), MLP heads."""
-    if kind == "cts":
-        return (2,), "linear"
-    return tuple(s for s in WINDOW_SIZES if s * PATCH_SIZE <= crop_size), "mlp"
+def policy_architecture(cfg: DictConfig) -> tuple[tuple[int, ...], str]:
+    """The policy network's window sizes and head. Trained in this run (or random): CTS scores 2x2 windows
+    with one 1x1 conv, dCTS every size with a window inside the crop with MLP heads; else the checkpoint's."""
+    if str(cfg.policy) in ("train", "random"):
+        return ((2,), "linear") if tokenizer_kind(cfg) == "cts" else (window_sizes_for(cfg.crop_size), "mlp")
+    hparams = read_checkpoint(policy_file(cfg), "policy", mmap=True).get("hyper_parameters") or {}
+    if "sizes" not in hparams:
+        raise ConfigError(f"policy={cfg.policy} is not a policy checkpoint (task=policy or policy=train writes one).")
+    return tuple(hparams["sizes"]), hparams.get("head", "mlp")
+
+
+def policy_file(cfg: DictConfig) -> Path:
+    """The trained policy checkpoint ``policy=`` names (never replaced by the oracle: that would change the method)."""
+    policy = str(cfg.policy)
+    if policy == "train":
+        raise ConfigError(
+            "policy=train trains a policy at the start of a training run; this command needs a trained one: "
+            "policy=<run>/policy/<checkpoint>.ckpt."
+        )
+    if not Path(policy).is_file():
+        raise ConfigError(
+            f"policy={policy} is not an existing file; give a trained policy checkpoint (<run>/policy/*.ckpt), "
+            "or policy=train in a training run."
+        )
+    return Path(policy)
 
 
 def policy_network(cfg: DictConfig, spec: ModelSpec) -> PolicyNet | None:
@@ -48,20 +66,9 @@ def policy_network(cfg: DictConfig, spec: ModelSpec) -> PolicyNet | None:
     None for ``policy=random`` (speed measurements: ``build_model`` then makes an untrained PolicyNet)."""
     if spec.policy != "net":
         return None
-    policy = str(cfg.policy)
-    if policy == "random":
+    if str(cfg.policy) == "random":
         return None
-    if policy == "train":
-        raise ConfigError(
-            "policy=train trains a policy at the start of a training run; here give a checkpoint "
-            "(policy=<run>/policy/last.ckpt) or policy=oracle."
-        )
-    if not Path(policy).is_file():
-        raise ConfigError(
-            f"policy={policy} is neither 'oracle', 'random' nor an existing checkpoint; train one with "
-            "`python -m step_lightning.train task=policy` or use policy=oracle."
-        )
-    return load_policy(policy, mean=spec.mean, std=spec.std)
+    return load_policy(policy_file(cfg), mean=spec.mean, std=spec.std)
 
 
 def build_model_from_config(cfg: DictConfig, num_classes: int, ignore_index: int = 255) -> SegmenterBase:

@@ -101,7 +101,10 @@ class SyntheticScenes(Dataset):
 
 
 class SyntheticDataModule(SegDataModule):
-    """Procedural scenes held in memory; train and val use disjoint seeds."""
+    """Procedural scenes held in memory; train and val use disjoint seeds. ``split`` (``val`` or ``train``,
+    default ``val``) is the split tools such as evaluation score."""
+
+    SPLITS = ("train", "val")
 
     def __init__(
         self,
@@ -117,8 +120,12 @@ class SyntheticDataModule(SegDataModule):
         num_workers: int = 0,
         seed: int = 0,
         name: str = "synthetic",
+        split: str | None = None,
     ):
         super().__init__(batch_size, val_batch_size, num_workers, seed)
+        if split not in (None, *self.SPLITS):
+            raise ConfigError(f"data.split={split} is not a split of the synthetic data; use data.split=val or train.")
+        self.split = split or "val"
         if num_classes < 3:
             raise ConfigError(f"data.num_classes={num_classes}: the synthetic scenes need >= 3 (sky, ground, objects)")
         if crop_size % 16:
@@ -143,3 +150,13 @@ class SyntheticDataModule(SegDataModule):
             self.train_set = self._make(2 * self.seed, self.num_train, flip=True)
         if self.val_set is None:
             self.val_set = self._make(2 * self.seed + 1, self.num_val, flip=False)
+
+    def eval_dataset(self, split: str | None = None) -> SyntheticScenes:
+        """The scenes of ``split`` (default: ``data.split``), without augmentation."""
+        split = split or self.split
+        if split not in self.SPLITS:
+            raise ConfigError(f"data.split={split} is not a split of the synthetic data; use data.split=val or train.")
+        if split == "train":
+            return self._make(2 * self.seed, self.num_train, flip=False)
+        self.setup("validate")
+        return self.val_set

@@ -3,6 +3,7 @@ run per training (the policy's and the segmenter's), finished before the next jo
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from urllib.parse import urlparse
@@ -11,6 +12,8 @@ import hydra
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_group(group: DictConfig | None, exclude: tuple[str, ...] = (), name_suffix: str = "") -> list:
@@ -56,7 +59,7 @@ def finish_wandb(loggers: list[Logger]) -> None:
         directory = run.settings.sync_dir if run is not None else None
         wandb.finish()
         if offline:
-            print(f"wandb: offline run saved; upload it with `wandb sync {directory}`")
+            log.info(f"wandb: offline run saved; upload it with `wandb sync {directory}`")
 
 
 def wandb_key_available() -> bool:
@@ -74,5 +77,5 @@ def wandb_offline_unless_logged_in(cfg: DictConfig) -> None:
     """No API key and no WANDB_MODE: run W&B offline instead of failing on a machine without network."""
     if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE") or wandb_key_available():
         return
-    print("wandb: no API key found; logging offline (set WANDB_API_KEY or run `wandb login` to log online)")
+    log.info("wandb: no API key found; logging offline (set WANDB_API_KEY or run `wandb login` to log online)")
     os.environ["WANDB_MODE"] = "offline"  # before wandb reads its settings; inherited by DDP ranks

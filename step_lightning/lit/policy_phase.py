@@ -1,26 +1,46 @@
 """The policy phase of a STEP run: train the dCTS policy network on the datamodule's labels, in the run's
-``policy/`` folder, before the segmenter whose tokenizer it drives."""
+``policy/`` folder, before the segmenter whose tokenizer it drives.
+
+It checkpoints like the segmenter's phase (``policy/last.ckpt`` every N steps, at the end and on SIGTERM; the
+best by validation loss) and resumes from ``policy/last.ckpt``. Its result, whatever the trainer's settings
+(``fast_dev_run``, a phase shorter than its validation interval), is a checkpoint file: the best validated
+one, else the last; ``policy/policy.json`` records it when the phase is over.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from step_lightning.config.model import policy_architecture, tokenizer_kind
+from step_lightning.config.model import policy_architecture
+from step_lightning.core import ConfigError
+from step_lightning.core.files import write_json
+from step_lightning.lit.callbacks.durability import LAST, BestCheckpoint
 from step_lightning.lit.loggers import finish_wandb, instantiate_group
 from step_lightning.lit.policy_module import PolicyModule
+from step_lightning.lit.resume import POLICY_DIR, POLICY_RESULT
+
+log = logging.getLogger(__name__)
 
 
-def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
-    """Train the dCTS policy network on the datamodule's labels; returns its checkpoint and metrics."""
+def train_policy(cfg: DictConfig, datamodule, output_dir: Path, resume: Path | None = None,
+                 state: dict | None = None) -> dict:
+    """Train the dCTS policy network on the datamodule's labels (continuing from the policy checkpoint
+    ``resume``, whose dict is ``state``); returns its checkpoint, metrics and steps."""
     pcfg = cfg.policy_train
-    sizes, head = policy_architecture(tokenizer_kind(cfg), cfg.crop_size)
+    sizes, head = policy_architecture(cfg)
+    if state is not None and tuple((state.get("hyper_parameters") or {}).get("sizes", ())) != sizes:
+        raise ConfigError(
+            f"{resume} scores windows of {tuple(state['hyper_parameters']['sizes'])} patches, a {cfg.crop_size} px "
+            f"crop trains {sizes}; resume with the crop_size it was trained with."
+        )
     module = PolicyModule(
-        pretrained=pcfg.pretrained,
+        pretrained=pcfg.pretrained and resume is None,  # a resumed phase has all its weights in the checkpoint
         sizes=sizes,
         head=head,
         schedule=pcfg.schedule,
@@ -31,27 +51,37 @@ def train_policy(cfg: DictConfig, datamodule, output_dir: Path) -> dict:
         weight_decay=pcfg.weight_decay,
         warmup_steps=pcfg.warmup_steps,
     )
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "policy", filename="policy-step{step:06d}",
-                                 auto_insert_metric_name=False, monitor="val/loss", mode="min")
+    folder = output_dir / POLICY_DIR
+    checkpoint = BestCheckpoint(dirpath=folder, filename="policy-step{step:06d}", auto_insert_metric_name=False,
+                                monitor="val/loss", mode="min")
     # The group's last_checkpoint callback writes policy/last.ckpt: it follows the best-checkpoint folder.
     loggers = instantiate_group(cfg.get("logger"), name_suffix="policy")
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        max_steps=pcfg.max_steps,
-        val_check_interval=pcfg.val_check_interval,
-        callbacks=[checkpoint, *instantiate_group(cfg.get("callbacks"), exclude=("model_checkpoint",))],
-        logger=loggers or False,
-    )
-    datamodule.trainer = trainer  # the datamodule reads the world size and rank from it
-    batch_size = pcfg.get("batch_size") or datamodule.batch_size
-    train_loader = datamodule.policy_dataloader(pcfg.get("whole_image_size"), batch_size, trainer.world_size)
-    datamodule.setup("validate")
     try:
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=datamodule.val_dataloader())
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer,
+            max_steps=pcfg.max_steps,
+            val_check_interval=pcfg.val_check_interval,
+            callbacks=[checkpoint, *instantiate_group(cfg.get("callbacks"), exclude=("model_checkpoint",))],
+            logger=loggers or False,
+        )
+        datamodule.trainer = trainer  # the datamodule reads the world size and rank from it
+        batch_size = pcfg.get("batch_size") or datamodule.batch_size
+        train_loader = datamodule.policy_dataloader(pcfg.get("whole_image_size"), batch_size, trainer.world_size)
+        datamodule.setup("validate")
+        val_loader = datamodule.val_dataloader()
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                    ckpt_path=str(resume) if resume else None)
+        # No validation ran (fast_dev_run, or fewer steps than val_check_interval): the last weights are the result.
+        best = checkpoint.best_model_path if Path(checkpoint.best_model_path or "").is_file() else None
+        if best is None:
+            best = str(folder / LAST)
+            if not Path(best).is_file():
+                trainer.save_checkpoint(best)
+        metrics = trainer.validate(module, dataloaders=val_loader, ckpt_path=best, verbose=False)[0]
     finally:
-        finish_wandb(loggers)  # the segmenter's training is a separate W&B run
-    best = checkpoint.best_model_path or checkpoint.last_model_path
-    metrics = trainer.validate(module, dataloaders=datamodule.val_dataloader(), ckpt_path=best or None,
-                               verbose=False)[0]
-    print("policy: " + " ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())))
-    return {"checkpoint": best, "metrics": metrics, "steps": trainer.global_step}
+        finish_wandb(loggers)  # after the policy's last log; the segmenter's training is a separate W&B run
+    log.info("policy: " + " ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())))
+    result = {"checkpoint": best, "metrics": metrics, "steps": trainer.global_step}
+    if rank_zero_only.rank == 0:
+        write_json(folder / POLICY_RESULT, result)
+    return result

@@ -3,6 +3,7 @@ atomically with its path printed last."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from step_lightning.core import PATCH_SIZE
 from step_lightning.core.files import write_json
 from step_lightning.core.resize import resize_labels
 from step_lightning.measure.gflops import ForwardCost
+
+log = logging.getLogger(__name__)
 
 
 def validation_summary(val: dict, class_names: Sequence[str]) -> dict:
@@ -66,6 +69,6 @@ def write_summary(summary: dict, path: Path, line: str, label: str = "summary") 
     """Write ``path`` atomically (rank 0 only), print ``line`` and then ``<label>: <path>`` last."""
     if rank_zero_only.rank == 0:
         write_json(path, summary)
-        print(line)
-        print(f"{label}: {path}")
+        log.info(line)
+        log.info(f"{label}: {path}")
     return summary

@@ -56,14 +56,15 @@ def sample_crops(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]
     return torch.stack(images), torch.stack(labels), names, datamodule
 
 
-def flops_input(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def flops_input(cfg: DictConfig, tokenizer: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image (and, for an oracle policy, its label map) to count on, at resolution x resolution.
 
     Plain patches cost the same on any image, so a random one does; with supertokens the count depends on
     the content: ``image=<file>`` (and ``label=<file>`` for the oracle) or, by default, a synthetic scene.
+    ``tokenizer``: the model's (default: the one ``cfg`` describes).
     """
     size = (cfg.resolution, cfg.resolution)
-    if tokenizer_kind(cfg) == "patch":
+    if (tokenizer or tokenizer_kind(cfg)) == "patch":
         return torch.randn(1, 3, *size), None
     if cfg.get("image"):
         pixels = torch.from_numpy(read_image(cfg.image)).permute(2, 0, 1)[None].float()

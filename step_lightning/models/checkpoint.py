@@ -23,14 +23,15 @@ MODEL_PREFIX = "model."  # SegmentationModule keeps the segmenter under .model
 POLICY_PREFIX = "policy."  # PolicyModule keeps the network under .policy
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
-    """The checkpoint dict of ``path``; ``key`` names the option that gave it, for the error message."""
+def read_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False) -> dict:
+    """The checkpoint dict of ``path``; ``key`` names the option that gave it, for the error message.
+    ``mmap``: map the tensors instead of reading them (cheap when only the hyper-parameters are needed)."""
     file = Path(str(path)).expanduser()
     if not file.is_file():
         raise ConfigError(f"{key}={path} does not exist; give a checkpoint of a previous run (e.g. last.ckpt).")
     try:
         # Our own runs' Lightning checkpoints hold hyper-parameters beyond plain tensors.
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise ConfigError(
             f"{key}={path} is not a readable checkpoint ({type(err).__name__}); the file is truncated or corrupt: "

@@ -10,6 +10,7 @@ Public API
 ``OraclePolicy()``                labels -> scores from the targets (upper bound, benchmarks).
 ``fused_policy(policy)``          an eval copy for inference: BatchNorm folded into the convolutions,
                                   channels_last (exact to float rounding).
+``window_sizes_for(crop)``        the window sizes a policy trained on crop x crop px images can learn.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from step_lightning.core import IGNORE_INDEX
+from step_lightning.core import IGNORE_INDEX, PATCH_SIZE
 from step_lightning.core.hub import timm_pretrained
 from step_lightning.tokens.tau import WINDOW_SIZES
 
@@ -31,6 +32,13 @@ LITE0_TENSORS = 296
 # preprocessing); the ImageNet weights classify correctly under it (tests/test_tokens_policy.py).
 POLICY_MEAN = 127.5
 POLICY_STD = 127.5
+
+
+def window_sizes_for(crop_size: int) -> tuple[int, ...]:
+    """Window sizes with at least one whole window in a ``crop_size`` px square: the sizes a policy trained on
+    such crops gets targets for. A head for a larger size would never receive a gradient (DDP refuses such
+    parameters), and its untrained scores would merge at random, so it is not built."""
+    return tuple(s for s in WINDOW_SIZES if s * PATCH_SIZE <= crop_size)
 
 
 def lite0_imagenet_state_dict() -> dict[str, Tensor]:
