@@ -3,12 +3,15 @@ the mistakes a user must fix into one ``error: ...`` line (exit status 1) instea
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig
 
+from step_lightning.config.extras import check_launcher_extras
 from step_lightning.config.resolvers import register_resolvers
 from step_lightning.core import ConfigError
 from step_lightning.lit.callbacks.durability import NonFiniteLossError
@@ -49,3 +52,18 @@ def run_command(command: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         if out_of_memory(e):
             raise SystemExit(f"error: {oom_advice(cfg, e)}") from None
         raise
+
+
+def launcher_checked(main: Callable[..., T]) -> Callable[..., T]:
+    """A command's ``main`` that first checks the command line for a launcher whose plugin is not installed
+    (``hydra/launcher=slurm`` without the slurm extra): Hydra could not even compose it."""
+
+    @functools.wraps(main)
+    def checked(*args, **kwargs) -> T:
+        try:
+            check_launcher_extras(sys.argv[1:])
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        return main(*args, **kwargs)
+
+    return checked

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import launcher_checked, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.config.model import tokenizer_kind
 from step_lightning.core import ConfigError
@@ -59,7 +59,8 @@ def train_job(cfg: DictConfig) -> dict:
     if cfg.policy == "train" and tokenizer_kind(cfg) != "patch" and not resume:
         policy_summary = train_policy(cfg, datamodule, output_dir)
         cfg.policy = policy_summary["checkpoint"]
-    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, bool(resume))
+    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, bool(resume),
+                                            dataset=datamodule.metadata())
     loggers = instantiate_group(cfg.get("logger"))
     try:
         trainer: L.Trainer = hydra.utils.instantiate(
@@ -112,6 +113,7 @@ def train_command(cfg: DictConfig) -> float:
         raise SystemExit(143) from None
 
 
+@launcher_checked
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     use_hydra_ddp_command()

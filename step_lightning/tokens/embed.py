@@ -69,7 +69,8 @@ class SupertokenEmbed(nn.Module):
         # would be a blocking host-to-device copy). Padding (size 0) reads entry 0 and is zeroed below.
         size = layout.token_size.clamp(min=1)
         row, col = layout.token_pos.unbind(-1)
-        index = (row // size) * (wp // size) + col // size
+        # A tensor numerator: the ONNX exporter cannot convert int // tensor (aten.floor_divide with a scalar first).
+        index = (row // size) * (torch.full_like(size, wp) // size) + col // size
         for s, count in zip(TOKEN_SIZES, counts, strict=True):
             index = index + (size > s) * count  # skip the levels before the token's own
         tokens = feats.gather(2, index.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)
