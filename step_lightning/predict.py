@@ -67,13 +67,15 @@ def predict(cfg: DictConfig) -> dict:
     inputs = {f.resolve() for f in files}
     if any(destination(output, stem, ".png").resolve() in inputs for stem in stems):
         raise ConfigError(f"output={output} would overwrite input images with their label maps; choose another folder.")
-    options = {"mode": cfg.mode, "crop": cfg.crop, "stride": cfg.stride, "resize": cfg.resize}
+    # The command line's protocol settings replace the checkpoint's defaults.
+    predictor.mode, predictor.crop, predictor.stride = (cfg.mode or predictor.mode, cfg.crop or predictor.crop,
+                                                        cfg.stride or predictor.stride)
     print(f"predict: {len(files)} images, {predictor}")
     written, skipped = 0, []
     with tqdm(total=len(files), desc="predict", unit="image", file=sys.stderr) as bar:
         for batch in same_size_batches(readable(list(zip(files, stems, strict=True)), skipped, bar), cfg.batch_size):
             images = [image for _, image in batch]
-            labels = predictor.predict(images, batch_size=len(batch), **options)
+            labels = predictor.predict(images, resize=cfg.resize, batch_size=len(batch))
             figures = [None] * len(batch)
             if cfg.panels:
                 x = predictor.prepare(predictor.normalise(np.stack(images)), cfg.resize)
