@@ -87,7 +87,8 @@ def export_model(model: nn.Module, fmt: str, path: Path, size: int) -> Path:
         if fmt == "torch_export":
             torch.export.save(torch.export.export(graph, example, dynamic_shapes=dynamic), path)
         else:
-            torch.onnx.export(graph, example, str(path), dynamo=True, dynamic_shapes=dynamic,
+            # One self-contained file (weights inside): below protobuf's 2 GB even for ViT-L.
+            torch.onnx.export(graph, example, str(path), dynamo=True, dynamic_shapes=dynamic, external_data=False,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
     return path
 

@@ -180,7 +180,7 @@ class Predictor:
                     f"a tensor input must be a normalised float batch [B, 3, H, W], not {images.dtype} "
                     f"{tuple(images.shape)}; pass images as HxWx3 uint8 arrays otherwise."
                 )
-            result = self._segment(images.to(self.device), **options).to(images.device)
+            result = self._segment(images.to(self.device, torch.float32), **options).to(images.device)
             return result if detailed else result.labels
         single = not isinstance(images, list | tuple)
         arrays = [as_rgb(image) for image in ([images] if single else images)]
