@@ -9,8 +9,10 @@ them and keeps them in ``<run dir>/<command>.log``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from step_lightning.config.extras import check_launcher_extras
 from step_lightning.config.resolvers import register_resolvers
 from step_lightning.core import ConfigError
 from step_lightning.core.files import remove_temporaries
@@ -148,3 +151,18 @@ def run_command(command: Callable[[DictConfig], T], cfg: DictConfig) -> T:
             raise
         log.error(f"error: {message}")
         raise SystemExit(1) from None
+
+
+def launcher_checked(main: Callable[..., T]) -> Callable[..., T]:
+    """A command's ``main`` that first checks the command line for a launcher whose plugin is not installed
+    (``hydra/launcher=slurm`` without the slurm extra): Hydra could not even compose it."""
+
+    @functools.wraps(main)
+    def checked(*args, **kwargs) -> T:
+        try:
+            check_launcher_extras(sys.argv[1:])
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        return main(*args, **kwargs)
+
+    return checked

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import launcher_checked, run_command
 from step_lightning.config.checks import check_config, check_training_weights
 from step_lightning.config.model import tokenizer_kind
 from step_lightning.core.files import read_json
@@ -131,7 +131,8 @@ def fit_segmenter(
     """Fit (continuing ``resume``), validate the best checkpoint, write ``<cfg.paths.output_dir>/summary.json``
     (with the summaries of earlier ``phases``); returns the summary."""
     output_dir = Path(cfg.paths.output_dir)
-    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, resume is not None)
+    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, resume is not None,
+                                            dataset=datamodule.metadata())
     if resume is not None:  # one line, not Lightning's list of every mismatching tensor
         load_weights(module.model, resume.state, key=f"ckpt_path={resume.checkpoint}")
     loggers = instantiate_group(cfg.get("logger"))
@@ -191,6 +192,7 @@ def train_command(cfg: DictConfig) -> float:
         raise SystemExit(143) from None
 
 
+@launcher_checked
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     use_hydra_ddp_command()

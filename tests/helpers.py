@@ -51,3 +51,43 @@ def run_module(module: str, args: Sequence[str], cwd: Path, timeout: float = 300
         text=True,
         timeout=timeout,
     )
+
+
+def write_policy_checkpoint(path: Path, noise: float = 0.0) -> Path:
+    """A policy checkpoint laid out like task=policy's (hyper-parameters + ``policy.*`` tensors) of an
+    untrained network; ``noise`` perturbs its weights so that its window scores vary from image to image."""
+    import torch
+
+    from step_lightning.core import IMAGENET_MEAN, IMAGENET_STD
+    from step_lightning.tokens.policy import PolicyNet
+    from step_lightning.tokens.tau import WINDOW_SIZES
+
+    torch.manual_seed(0)
+    policy = PolicyNet(pretrained=False, sizes=WINDOW_SIZES, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD)
+    with torch.no_grad():
+        for parameter in policy.parameters():  # not the BatchNorm statistics: a negative variance would be NaN
+            parameter += noise * torch.randn_like(parameter)
+    state = {f"policy.{k}": v for k, v in policy.state_dict().items()}
+    hparams = {"sizes": list(WINDOW_SIZES), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
+    return path
+
+
+def write_segmenter_checkpoint(overrides: Sequence[str], path: Path) -> Path:
+    """A step_lightning.train checkpoint of an untrained tiny model (debug=tiny, synthetic data), written by
+    Lightning from the module train builds (``from_config`` with the datamodule's metadata), without a step."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from step_lightning.lit.module import SegmentationModule
+
+    cfg = compose_config(["debug=tiny", "data.num_train=4", "data.num_val=2", *overrides], output_dir=path.parent)
+    datamodule = instantiate(cfg.data)
+    module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index,
+                                            dataset=datamodule.metadata())
+    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from step_lightning.config.extras import check_logger_extras
 from step_lightning.config.model import policy_file, tokenizer_kind
 from step_lightning.core import PATCH_SIZE, ConfigError
 from step_lightning.models.backbones import backbone_spec
@@ -55,6 +56,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.mode={cfg.eval.mode} must be 'whole' or 'slide'.")
     if cfg.optim.schedule not in ("poly", "cosine"):
         raise ConfigError(f"optim.schedule={cfg.optim.schedule} must be 'poly' or 'cosine'.")
+    check_logger_extras(cfg)
 
 
 def check_training_weights(cfg: DictConfig) -> None:

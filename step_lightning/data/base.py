@@ -47,6 +47,20 @@ class SegDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
+    def metadata(self) -> dict:
+        """What a model trained on this dataset needs to segment new images, kept in its checkpoint: class
+        names, palette, normalisation, ignore index and ``short_side``, the evaluation protocol's resize (the
+        image's short side becomes the crop size, ``EvalTransform``)."""
+        return {
+            "name": self.name,
+            "class_names": [str(n) for n in self.class_names],
+            "palette": [[int(c) for c in colour] for colour in self.palette],
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "ignore_index": int(self.ignore_index),
+            "short_side": int(self.crop_size),
+        }
+
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else 1

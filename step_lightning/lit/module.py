@@ -2,7 +2,9 @@
 
 The module builds its segmenter from a ``ModelSpec`` dict kept in its hyper-parameters, so a checkpoint
 rebuilds the model by itself (``SegmentationModule.load_from_checkpoint(path)``): the spec saved there no
-longer names the pretrained backbone or the ``init_from`` run, whose weights are already in the checkpoint.
+longer names the pretrained backbone or the ``init_from`` run, whose weights are already in the checkpoint
+(the policy network's too). The ``dataset`` hyper-parameter keeps what predicting on new images needs: class
+names, palette, normalisation and the evaluation protocol's resize (``SegDataModule.metadata``).
 """
 
 from __future__ import annotations
@@ -71,10 +73,12 @@ class SegmentationModule(L.LightningModule):
         eval_stride: int = 341,
         loss: dict | None = None,
         init_from: str | None = None,
+        dataset: dict | None = None,
         policy: PolicyNet | None = None,
     ):
-        """``model``: a ``ModelSpec`` as a dict; ``policy``: the trained network of a dCTS/CTS tokenizer
-        (built untrained when absent: a checkpoint's state dict then fills it)."""
+        """``model``: a ``ModelSpec`` as a dict; ``dataset``: the datamodule's ``metadata()``; ``policy``: the
+        trained network of a dCTS/CTS tokenizer (built untrained when absent: a checkpoint's state dict then
+        fills it)."""
         super().__init__()
         self.save_hyperparameters(ignore=["policy"])
         spec = ModelSpec(**model)
@@ -89,9 +93,12 @@ class SegmentationModule(L.LightningModule):
         self.last_val: dict = {}
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, num_classes: int, ignore_index: int, resuming: bool = False):
+    def from_config(
+        cls, cfg: DictConfig, num_classes: int, ignore_index: int, resuming: bool = False, dataset: dict | None = None
+    ):
         """The module a training config describes. ``resuming``: a ``policy=train`` run continues from a
-        checkpoint that holds the trained policy's weights, so the policy network starts untrained."""
+        checkpoint that holds the trained policy's weights, so the policy network starts untrained.
+        ``dataset``: the datamodule's ``metadata()``, saved with the checkpoint."""
         spec = model_spec(cfg, num_classes, ignore_index)
         policy = None if resuming and cfg.get("policy") == "train" else policy_network(cfg, spec)
         return cls(
@@ -109,6 +116,7 @@ class SegmentationModule(L.LightningModule):
             eval_stride=cfg.eval.stride,
             loss=OmegaConf.to_container(cfg.loss),
             init_from=cfg.get("init_from"),
+            dataset=dataset,
             policy=policy,
         )
 

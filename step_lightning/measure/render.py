@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from step_lightning.core import PATCH_SIZE
-from step_lightning.models.base import SegmenterBase
+from step_lightning.models.base import SegmenterBase, SegmenterOutput
 from step_lightning.models.inference import predict_padded
 from step_lightning.tokens.layout import unshare
 
@@ -60,25 +60,31 @@ def colourise(label: Tensor, palette: Sequence[Sequence[int]]) -> Tensor:
     return table[torch.where(label < len(palette), label, len(palette)).cpu()]
 
 
-def panels_for(
-    model: SegmenterBase, images: Tensor, labels: Tensor, palette, mean, std
-) -> list[list[tuple[str, np.ndarray]]]:
-    """Per image, the (title, uint8 [H, W, 3]) panels: input, superpatches, halted tokens per exit,
-    prediction, ground truth. ``labels`` are aligned with ``images`` (they also feed an oracle policy)."""
-    height, width = images.shape[-2:]
-    scores, out = predict_padded(model, images, labels)
+def token_maps(out: SegmenterOutput, height: int, width: int) -> tuple[Tensor, Tensor | None]:
+    """Per pixel of a ``height`` x ``width`` model input: the index of the token that covered it [B, H, W]
+    and the exit head that halted that token [B, H, W] (0-based, -1 = it reached the final head; None for
+    a model without exits)."""
     grid = out.outputs[-1]["mask_logits"].shape[-2:]
     layout = out.extras.get("layout")
     count = out.tokens.shape[0]
-    token_index = torch.arange(grid[0] * grid[1], device=images.device).expand(count, -1)
-    ids = per_cell(
-        token_index if layout is None else torch.arange(layout.valid.shape[1], device=images.device).expand(count, -1),
-        layout,
-        grid,
-    )
+    device = out.tokens.device
+    slots = grid[0] * grid[1] if layout is None else layout.valid.shape[1]
+    ids = per_cell(torch.arange(slots, device=device).expand(count, -1), layout, grid)
     pixel_ids = to_pixels(ids)[..., :height, :width]
     halt_head = out.extras.get("halt_head")
     halted_at = None if halt_head is None else to_pixels(per_cell(halt_head, layout, grid))[..., :height, :width]
+    return pixel_ids, halted_at
+
+
+def panels_for(
+    model: SegmenterBase, images: Tensor, labels: Tensor | None, palette, mean, std
+) -> list[list[tuple[str, np.ndarray]]]:
+    """Per image, the (title, uint8 [H, W, 3]) panels: input, superpatches, halted tokens per exit,
+    prediction and, with ``labels`` (aligned with ``images``; they also feed an oracle policy), ground truth."""
+    height, width = images.shape[-2:]
+    scores, out = predict_padded(model, images, labels)
+    pixel_ids, halted_at = token_maps(out, height, width)
+    count = out.tokens.shape[0]
     prediction = scores.argmax(1)
     result = []
     for b in range(count):
@@ -90,7 +96,9 @@ def panels_for(
             gone = ((halted_at[b] >= 0) & (halted_at[b] <= k)).cpu()
             halted = int(out.extras["halted"][b, : k + 1].sum())
             panels.append((f"exit {k + 1} (L{layer}): {halted} halted", torch.where(gone[..., None], 0, boundaries)))
-        panels += [("prediction", colourise(prediction[b], palette)), ("ground truth", colourise(labels[b], palette))]
+        panels.append(("prediction", colourise(prediction[b], palette)))
+        if labels is not None:
+            panels.append(("ground truth", colourise(labels[b], palette)))
         result.append([(title, panel.numpy()) for title, panel in panels])
     return result
 
@@ -118,8 +126,11 @@ def render(panels: list[tuple[str, np.ndarray]], title: str = "") -> np.ndarray:
 
 
 @torch.no_grad()
-def render_panels(model, images: Tensor, labels: Tensor, palette, mean, std, names: Sequence[str]) -> list[np.ndarray]:
-    """Rendered figure per image (model in eval mode is the caller's business)."""
+def render_panels(
+    model, images: Tensor, labels: Tensor | None, palette, mean, std, names: Sequence[str]
+) -> list[np.ndarray]:
+    """Rendered figure per image (model in eval mode is the caller's business); ``labels`` None: no ground
+    truth panel."""
     return [
         render(p, name) for p, name in zip(panels_for(model, images, labels, palette, mean, std), names, strict=True)
     ]

@@ -82,7 +82,8 @@ def feature_index(size: Tensor, row: Tensor, col: Tensor, grid: tuple[int, int])
     blocking host-to-device copy); size 0 (padding) reads entry 0."""
     hp, wp = grid
     size = size.clamp(min=1)
-    index = (row // size) * (wp // size) + col // size
+    # A tensor numerator: the ONNX exporter cannot convert int // tensor (aten.floor_divide with a scalar first).
+    index = (row // size) * (torch.full_like(size, wp) // size) + col // size
     for s in TOKEN_SIZES:
         count = (hp // s) * (wp // s)
         index = index + (size > s) * count  # skip the levels before the token's own

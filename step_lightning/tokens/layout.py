@@ -96,7 +96,7 @@ def layout_from_size_map(size_map: Tensor, num_slots: int | None = None) -> Toke
     gives cell_to_token, and a scatter of the start cells fills token_size / token_pos.
 
     ``num_slots`` is N when the caller knows it (CTS); otherwise N = max count over the batch, read
-    with ``int(counts.max())``: the one host sync of this function, needed because N is a shape.
+    with ``counts.max().item()``: the one host sync of this function, needed because N is a shape.
     """
     b, hp, wp = size_map.shape
     device = size_map.device
@@ -108,7 +108,11 @@ def layout_from_size_map(size_map: Tensor, num_slots: int | None = None) -> Toke
     rank = is_start.cumsum(1) - 1
     cell_to_token = rank.gather(1, (top * wp + left).flatten(1))
     counts = is_start.sum(1)
-    n = int(counts.max()) if num_slots is None else num_slots
+    n = counts.max().item() if num_slots is None else num_slots
+    if isinstance(n, torch.SymInt):
+        # torch.export traces N as a data-dependent size (dCTS exports with a dynamic token count); two slots
+        # at least, so that attention never has to treat a one-token sequence as a broadcast.
+        n = torch.sym_max(n, 2)
     # Non-start cells are scattered into an extra slot n, which is then dropped.
     dest = torch.where(is_start, rank, n)
 

@@ -1,0 +1,69 @@
+"""Export a trained checkpoint to torch.export (``.pt2``) or ONNX, checked against the eager model.
+
+    python -m step_lightning.export ckpt_path=outputs/<run>/checkpoints/last.ckpt format=onnx [output=model.onnx]
+
+The graph takes a normalised float batch [B, 3, S, S] (any B; S = the training crop unless ``size=``) and
+returns class scores [B, K, S, S]. Beside it, ``<output>.json`` holds what a runtime needs to use it: class
+names, palette, normalisation, input and output names. The exported file is loaded back (torch.export.load
+or onnxruntime) and run on a random batch; the largest difference from the eager model is printed and must
+stay within ``tolerance``. segvit and cts export to both formats, dcts to torch_export; why the others do
+not is one ``error:`` line (``step_lightning.api.export``). The last line is ``export: <file>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from step_lightning.api.export import FORMATS, INPUT_NAME, OUTPUT_NAME, check_exportable, export_model, max_difference
+from step_lightning.api.predictor import dataset_metadata
+from step_lightning.cli import run_command
+from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.core.files import write_json
+from step_lightning.lit.checkpoint import load_module
+
+
+def export(cfg: DictConfig) -> Path:
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path is required, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
+    module = load_module(cfg.ckpt_path)
+    spec = dict(module.hparams.model)
+    check_exportable(spec, cfg.format)
+    size = cfg.size or spec["img_size"]
+    if not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
+        raise ConfigError(f"size={size} must be a positive multiple of {PATCH_SIZE} (e.g. {spec['img_size']}).")
+    output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(FORMATS[cfg.format])).expanduser()
+    export_model(module.model, cfg.format, output, size)
+    difference = max_difference(module.model, cfg.format, output, size)
+    print(f"export: max abs difference from eager {difference:.3g} (tolerance {cfg.tolerance:g})")
+    if not difference <= cfg.tolerance:
+        output.unlink()
+        raise SystemExit(
+            f"error: the exported model differs from eager by {difference:.3g} > tolerance={cfg.tolerance:g}; "
+            "nothing was written (a looser tolerance=... accepts it)."
+        )
+    dataset = dataset_metadata(module)
+    write_json(output.with_name(f"{output.name}.json"), {
+        "format": cfg.format,
+        "checkpoint": str(cfg.ckpt_path),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32",
+                  "normalisation": "(rgb_0_255 - mean) / std", "mean": dataset["mean"], "std": dataset["std"]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(dataset["class_names"]), size, size],
+                   "meaning": "class scores; the arg-max over dimension 1 is the label map"},
+        "dataset": dataset,
+        "model": spec,
+        "max_abs_difference": difference,
+    })
+    print(f"export: {output}")
+    return output
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    run_command(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

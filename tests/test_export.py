@@ -1,0 +1,110 @@
+"""``python -m step_lightning.export``: torch.export and ONNX graphs that match the eager model, and one-line
+refusals for the models that cannot be exported."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from step_lightning.api.export import ONNX_PACKAGES, random_batch, run_exported
+from step_lightning.core import ConfigError
+from step_lightning.export import export
+from step_lightning.lit.checkpoint import load_module
+from tests.helpers import compose_config, run_module
+
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ONNX_PACKAGES),
+    reason="the export extra (onnx, onnxscript, onnxruntime) is not installed",
+)
+
+
+def export_cfg(checkpoint, *overrides):
+    return compose_config([f"ckpt_path={checkpoint}", *overrides], "export")
+
+
+def check_export(path, checkpoint, fmt, capsys) -> float:
+    """The printed difference, after checking the written files and rerunning the graph on a batch of 1."""
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"export: {path}"
+    difference = float(lines[-2].split("eager ")[1].split(" ")[0])
+    meta = json.loads(path.with_name(f"{path.name}.json").read_text())
+    assert meta["input"]["shape"] == ["batch", 3, 64, 64] and meta["dataset"]["class_names"][0] == "sky"
+    assert meta["max_abs_difference"] == pytest.approx(difference, rel=1e-2, abs=1e-12)
+    model = load_module(checkpoint).model
+    image = random_batch(1, 64, seed=5)
+    scores = run_exported(fmt, path, image)
+    assert scores.shape == (1, 8, 64, 64)
+    assert torch.allclose(scores, model.predict(image)[0], atol=1e-4)
+    return difference
+
+
+def test_segvit_to_torch_export(tiny_checkpoint, tmp_path, capsys):
+    path = export(export_cfg(tiny_checkpoint("segvit"), f"output={tmp_path / 'segvit.pt2'}"))
+    assert check_export(path, tiny_checkpoint("segvit"), "torch_export", capsys) <= 1e-4
+
+
+@pytest.mark.slow
+def test_dcts_exports_with_a_data_dependent_token_count(tiny_checkpoint, tmp_path, capsys):
+    checkpoint = tiny_checkpoint("dcts")
+    path = export(export_cfg(checkpoint))
+    assert path == checkpoint.with_suffix(".pt2")  # next to the checkpoint by default
+    assert check_export(path, checkpoint, "torch_export", capsys) <= 1e-4
+    model = load_module(checkpoint).model
+    images = torch.cat([random_batch(3, 64, seed=s) * (1 + s) for s in range(3)])
+    counts = model(images).tokens
+    assert len(counts.unique()) > 1, counts  # the graph saw images with different token counts
+    expected = model.predict(images)[0]
+    assert torch.allclose(run_exported("torch_export", path, images), expected, atol=1e-4)
+
+
+@needs_onnx
+def test_segvit_to_onnx(tiny_checkpoint, tmp_path, capsys):
+    path = export(export_cfg(tiny_checkpoint("segvit"), "format=onnx", f"output={tmp_path / 'segvit.onnx'}"))
+    assert check_export(path, tiny_checkpoint("segvit"), "onnx", capsys) <= 1e-4
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_cts_to_onnx(tiny_checkpoint, tmp_path, capsys):
+    path = export(export_cfg(tiny_checkpoint("cts"), "format=onnx", f"output={tmp_path / 'cts.onnx'}"))
+    assert check_export(path, tiny_checkpoint("cts"), "onnx", capsys) <= 1e-4
+
+
+def test_models_that_do_not_export_say_why(tiny_checkpoint, monkeypatch):
+    with pytest.raises(ConfigError, match="exit heads .* data-dependent number of tokens"):
+        export(export_cfg(tiny_checkpoint("step")))
+    with pytest.raises(ConfigError, match="dCTS's data-dependent token count .* use format=torch_export"):
+        export(export_cfg(tiny_checkpoint("dcts"), "format=onnx"))
+    with pytest.raises(ConfigError, match="policy=oracle"):
+        export(export_cfg(tiny_checkpoint("dcts_oracle")))
+    with pytest.raises(ConfigError, match="format=tflite must be one of torch_export, onnx"):
+        export(export_cfg(tiny_checkpoint("segvit"), "format=tflite"))
+    with pytest.raises(ConfigError, match="size=40 must be a positive multiple of 16"):
+        export(export_cfg(tiny_checkpoint("segvit"), "size=40"))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the export extra were not installed
+    with pytest.raises(ConfigError, match=r"onnxscript missing\): pip install 'step-lightning\[export\]'"):
+        export(export_cfg(tiny_checkpoint("segvit"), "format=onnx"))
+
+
+def test_a_graph_off_by_more_than_the_tolerance_is_removed(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("step_lightning.export.max_difference", lambda *args: 0.5)
+    path = tmp_path / "off.pt2"
+    with pytest.raises(SystemExit, match=r"^error: the exported model differs from eager by 0.5 > tolerance=0.0001"):
+        export(export_cfg(tiny_checkpoint("segvit"), f"output={path}"))
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_command_line(tiny_checkpoint, tmp_path):
+    result = run_module("step_lightning.export", [f"ckpt_path={tiny_checkpoint('step')}"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: a model with exit heads (prune_heads=[1]) cannot be exported")
+    done = run_module("step_lightning.export", [f"ckpt_path={tiny_checkpoint('segvit')}",
+                                                f"output={tmp_path / 'model.pt2'}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"export: {tmp_path / 'model.pt2'}"

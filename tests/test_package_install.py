@@ -1,0 +1,65 @@
+"""``pip install`` of a built wheel (not editable) gives a working package: configs inside it, console scripts
+that train and predict from any folder. Offline: the wheel is installed without dependencies into its own
+folder, which is put first on the path of this environment (whose packages provide the dependencies)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import tomllib
+
+from tests.data_builders import write_image
+from tests.helpers import REPO
+
+
+def run(args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_wheel_installs_configs_and_console_scripts_that_train_and_predict(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    shutil.copytree(REPO / "step_lightning", source / "step_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    run([*pip, "wheel", "--no-index", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source],
+        tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("step_lightning-*.whl")
+
+    names = zipfile.ZipFile(wheel).namelist()
+    configs = {str(p.relative_to(REPO)) for p in (REPO / "step_lightning" / "conf").rglob("*.yaml")}
+    assert configs and configs <= set(names)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert all(f"{name} = {target}" in declared for name, target in scripts.items())
+    assert {"step-train", "step-predict", "step-export", "step-eval"} <= set(scripts)
+
+    site = tmp_path / "site"
+    run([*pip, "install", "--no-index", "--no-deps", "-q", "--target", site, wheel], tmp_path)
+    work = tmp_path / "elsewhere"  # no source tree here or above
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    where = run([sys.executable, "-c", "import step_lightning; print(step_lightning.__file__)"], work, env)
+    assert where.stdout.strip() == str(site / "step_lightning" / "__init__.py")
+
+    run([site / "bin" / "step-train", "debug=tiny", "method=segvit", "data.num_train=8", "data.num_val=2",
+         "hydra.run.dir=run"], work, env)
+    checkpoint = work / "run" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file() and (work / "run" / ".hydra" / "config.yaml").is_file()
+    images = work / "photos"
+    images.mkdir()
+    (images / "notes.txt").write_text("not an image: not picked up")
+    write_image(images / "a.png", (50, 70))
+    predicted = run([site / "bin" / "step-predict", f"ckpt_path={checkpoint}", "input=photos", "output=pred"],
+                    work, env)
+    assert predicted.stdout.strip().splitlines()[-1] == "predict: 1 images written to pred, 0 skipped"
+    assert sorted(p.name for p in (work / "pred").iterdir()) == ["a.png", "a_overlay.png"]
