@@ -84,6 +84,7 @@ def write_segmenter_checkpoint(overrides: Sequence[str], path: Path) -> Path:
 
     cfg = compose_config(["debug=tiny", "data.num_train=4", "data.num_val=2", *overrides], output_dir=path.parent)
     datamodule = instantiate(cfg.data)
+    L.seed_everything(0, verbose=False)  # the same weights in every session
     module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index,
                                             dataset=datamodule.metadata())
     trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_checkpointing=False,

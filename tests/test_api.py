@@ -89,8 +89,8 @@ def test_token_layout_and_halting_maps(tiny_checkpoint):
     out = model.predict(rgb(70, 90), return_tokens=True, return_halting=True)
     assert out.token_map.shape == out.halt_map.shape == (70, 90) and out.scores is None
     model.model.force_halt = 0.5  # the exit halts half of the tokens (an untrained one would halt none)
-    image = rgb(64, 64, seed=3)  # the model's own size: the maps are the model's
-    out = model.predict(image, return_tokens=True, return_halting=True)
+    image = rgb(128, 128, seed=3)  # without resizing, the maps are the model's own
+    out = model.predict(image, resize=False, return_tokens=True, return_halting=True)
     forward = model.model(model.normalise(image[None]))
     assert len(out.token_map.unique()) == int(forward.tokens[0])
     assert set(out.halt_map.unique().tolist()) == {-1, 0}  # halted by exit head 0, or reached the final head

@@ -1,4 +1,5 @@
-"""``python -m step_lightning.predict``: label maps, overlays and panels for a folder, a glob or one image."""
+"""``python -m step_lightning.predict``: label maps, overlays and panels for a folder, a glob or one image (the
+command line itself: tests/test_package_install.py runs the installed step-predict)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from step_lightning.api.images import label_image, output_stems
 from step_lightning.core import ConfigError
 from step_lightning.predict import predict
 from tests.data_builders import write_image
-from tests.helpers import compose_config, run_module
+from tests.helpers import compose_config
 
 
 def predict_cfg(checkpoint, source, output, *overrides):
@@ -86,17 +87,3 @@ def test_output_names_and_label_files():
     labels = torch.tensor([[0, 1], [299, 2]])
     wide = label_image(labels, [[k, k, k] for k in range(300)])
     assert wide.mode == "I;16" and np.asarray(wide).tolist() == [[0, 1], [299, 2]]
-
-
-@pytest.mark.slow
-def test_command_line(tiny_checkpoint, photos, tmp_path):
-    result = run_module("step_lightning.predict", [f"ckpt_path={tiny_checkpoint('segvit')}", f"input={photos}",
-                                                   f"output={tmp_path / 'out'}", "device=auto"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"predict: 3 images written to {tmp_path / 'out'}, 1 skipped"
-    failed = run_module("step_lightning.predict", [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={photos}"],
-                        tmp_path)
-    assert failed.returncode == 1 and "Traceback" not in failed.stderr
-    assert failed.stderr.strip().splitlines() == [
-        f"error: ckpt_path={tmp_path / 'missing.ckpt'} does not exist; give a checkpoint of a previous run "
-        "(e.g. last.ckpt)."]
