@@ -26,7 +26,8 @@ from tests.helpers import CONF_DIR, REPO
 
 README = REPO / "README.md"
 CONFIG_NAMES = {"train": "train", "eval": "eval", "flops": "flops", "token_stats": "tokens", "benchmark": "benchmark",
-                "profile_layers": "profile", "visualize": "visualize", "check_data": "check"}
+                "profile_layers": "profile", "visualize": "visualize", "check_data": "check", "predict": "predict",
+                "export": "export"}
 MEASURE_TINY = ["debug=tiny", "resolution=64", "num_images=1", "repeats=1", "warmup=0"]
 TINY = {  # appended to each command: seconds on a CPU instead of hours on a GPU
     "train": ["debug=tiny", "data.num_train=8", "data.num_val=2", "trainer.max_steps=2", "policy_train.max_steps=2",
@@ -38,10 +39,15 @@ TINY = {  # appended to each command: seconds on a CPU instead of hours on a GPU
     "profile_layers": MEASURE_TINY,
     "visualize": MEASURE_TINY,
     "check_data": [],
+    "predict": [],
+    "export": [],
 }
 # Placeholders the README uses, and what they stand for here.
 RUN_DIR, SWEEP_DIR = "outputs/<date>/<time>", "multirun/<date>/<time>"
 OWN_DATASET = "/path/to/mydata"  # the "Your own dataset" examples: a folder dataset the tests write
+# "Use a trained model": the quickstart run, the user's photos and the outputs, in folders the tests make.
+QUICKSTART, PHOTOS = "outputs/quickstart", "photos"
+OUTPUTS = ("output=predictions", "output=model.onnx")
 CLUSTER = {"<partition>": "gpu", "<account>": "project"}
 
 
@@ -66,9 +72,15 @@ class Example:
     multirun: bool = False
 
 
-def parse(text: str, run_dir: Path | None = None, sweep_dir: Path | None = None, own: Path | None = None) -> Example:
+def parse(text: str, run_dir: Path | None = None, sweep_dir: Path | None = None, own: Path | None = None,
+          model_dirs: dict | None = None) -> Example:
     line = text.replace("<same overrides>", "").replace("../shared/realdata", str(REALDATA))
     line = line.replace(OWN_DATASET, str(own or OWN_DATASET))
+    if model_dirs:
+        line = line.replace(QUICKSTART, str(model_dirs["quickstart"])).replace(f"={PHOTOS}", f"={model_dirs['photos']}")
+        line = line.replace(f"'{PHOTOS}/", f"'{model_dirs['photos']}/")
+        for output in OUTPUTS:
+            line = line.replace(output, f"output={model_dirs['out'] / output.split('=')[1]}")
     line = line.replace(RUN_DIR, str(run_dir)).replace(SWEEP_DIR, str(sweep_dir))
     for placeholder, value in CLUSTER.items():
         line = line.replace(placeholder, value)
@@ -78,6 +90,8 @@ def parse(text: str, run_dir: Path | None = None, sweep_dir: Path | None = None,
         return Example(text, "train", [])
     if argv[:2] == ["make", "test"]:
         return Example(text, "make test", [])
+    if argv[:3] == ["pip", "install", "."]:
+        return Example(text, "pip install", [])
     if argv[:2] == ["python", "scripts/collect_sweep.py"]:
         return Example(text, "collect_sweep", argv[2:])
     assert argv[:2] == ["python", "-m"] and argv[2].startswith("step_lightning."), f"unknown command form: {text}"
@@ -97,7 +111,7 @@ def compose_jobs(config_name: str, args: list[str], output_dir: Path) -> tuple[l
     configs, sweep = [], False
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in expand(args):
-            paths = [f"paths.output_dir={output_dir}"]
+            paths = [] if config_name in ("check", "predict", "export") else [f"paths.output_dir={output_dir}"]
             hydra_cfg = compose(config_name, overrides=[*job, *paths], return_hydra_config=True).hydra
             params = hydra_cfg.sweeper.get("params") or {}
             sweep |= str(hydra_cfg.mode) == "RunMode.MULTIRUN"
@@ -123,7 +137,9 @@ def run(example: Example, output_dir: Path):
     from step_lightning.benchmark import benchmark
     from step_lightning.check_data import check_from_config
     from step_lightning.eval import evaluate
+    from step_lightning.export import export
     from step_lightning.flops import flops
+    from step_lightning.predict import predict
     from step_lightning.profile_layers import profile
     from step_lightning.token_stats import token_stats
     from step_lightning.train import train_command
@@ -132,12 +148,13 @@ def run(example: Example, output_dir: Path):
     args = [*example.args, *TINY[example.program]]
     run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
     args = [a for a in args if not a.startswith("hydra.run.dir=")]
-    paths = [] if example.program == "check_data" else [f"paths.output_dir={run_dir or output_dir}"]
+    no_run_dir = example.program in ("check_data", "predict", "export")  # they write no run folder
+    paths = [] if no_run_dir else [f"paths.output_dir={run_dir or output_dir}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(CONFIG_NAMES[example.program], overrides=[*args, *paths])
     commands = {"train": train_command, "eval": lambda c: evaluate(c, args), "flops": flops,
                 "token_stats": token_stats, "benchmark": lambda c: benchmark(c, args), "profile_layers": profile,
-                "visualize": visualize, "check_data": check_from_config}
+                "visualize": visualize, "check_data": check_from_config, "predict": predict, "export": export}
     return run_command(commands[example.program], cfg)
 
 
@@ -147,6 +164,21 @@ def readme_run(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("readme_run")
     run(parse(readme_commands()[0]), output_dir)
     return output_dir
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict:
+    """The quickstart model of "Use a trained model" (trained here), two photos, and a folder for the outputs."""
+    from tests.data_builders import write_image
+
+    base = tmp_path_factory.mktemp("use_a_model")
+    photos = base / "photos"
+    write_image(photos / "street.jpg", (70, 90), seed=1)
+    write_image(photos / "more" / "skier.jpg", (64, 48), seed=2)
+    dirs = {"quickstart": base / "quickstart", "photos": photos, "out": base / "out"}
+    run(parse(f"python -m step_lightning.train debug=tiny method=cts hydra.run.dir={QUICKSTART}", model_dirs=dirs),
+        base)
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -163,15 +195,18 @@ def test_readme_commands_are_found():
     commands = readme_commands()
     assert commands[0] == "make train" and len(commands) >= 20
     modules = {parse(c, Path("run"), Path("sweep")).program for c in commands}
-    assert {*CONFIG_NAMES, "collect_sweep", "make test"} <= modules
+    assert {*CONFIG_NAMES, "collect_sweep", "make test", "pip install"} <= modules
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", readme_commands(), ids=lambda text: re.sub(r"[^\w=.,:/\[\]-]+", "_", text)[:100])
-def test_readme_command(text, readme_run, sweep_dir, tmp_path, monkeypatch):
+def test_readme_command(text, readme_run, sweep_dir, model_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    example = parse(text, readme_run, sweep_dir, make_folder(tmp_path, values=(0, 1, 2, 3, 4)))
+    example = parse(text, readme_run, sweep_dir, make_folder(tmp_path, values=(0, 1, 2, 3, 4)), model_dirs)
+    if example.program == "pip install":  # tests/test_package_install.py builds and installs the wheel
+        assert (REPO / "tests" / "test_package_install.py").is_file()
+        return
     if example.program == "make test":  # this suite
         assert re.search(r"^test: .*\n\t\$\(PY\) -m pytest", (REPO / "Makefile").read_text(), re.M)
         return
