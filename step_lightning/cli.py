@@ -149,7 +149,9 @@ def run_command(command: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         message = one_line_error(error, cfg)
         if message is None:
             raise
-        log.error(f"error: {message}")
+        if not any(not isinstance(h, logging.NullHandler) for h in logging.getLogger().handlers):
+            raise SystemExit(f"error: {message}") from None  # commands that write no log (predict, export)
+        log.error(f"error: {message}")  # to the console and the run's log
         raise SystemExit(1) from None
 
 

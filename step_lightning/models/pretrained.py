@@ -70,7 +70,8 @@ def vit_state_dict(
 
     weight = state["patch_embed.proj.weight"]
     found = (weight.shape[0], 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1))
-    if found != (spec.embed_dim, spec.depth) or weight.shape[-1] != PATCH_SIZE:
+    # A checkpoint may hold more blocks than a truncated model uses, never fewer.
+    if found[0] != spec.embed_dim or not depth <= found[1] <= spec.depth or weight.shape[-1] != PATCH_SIZE:
         raise ConfigError(
             f"backbone.pretrained={source} is a ViT/{weight.shape[-1]} of width {found[0]} and depth {found[1]}, "
             f"backbone={backbone} is a ViT/{PATCH_SIZE} of width {spec.embed_dim} and depth {spec.depth}; "
