@@ -42,18 +42,23 @@ def step_of(path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
+def kill_once_saved(proc: subprocess.Popen, checkpoint, sig) -> str:
+    """Send ``sig`` as soon as ``checkpoint`` appears; returns the run's stderr."""
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), f"no {checkpoint.name} appeared"
+    proc.send_signal(sig)
+    return proc.communicate(timeout=300)[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_run_resumes_to_the_planned_step_count(tmp_path, sig):
     first = tmp_path / "first"
     last = first / "checkpoints" / "last.ckpt"
     proc = start(first)
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert last.exists(), "no checkpoint appeared"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=300)
+    stderr = kill_once_saved(proc, last, sig)
     interrupted = step_of(last)
     assert 4 <= interrupted < MAX_STEPS, "the run was not interrupted mid-training"
     assert not (first / "summary.json").exists()
@@ -96,12 +101,7 @@ def test_killed_policy_phase_resumes_instead_of_starting_over(tmp_path, sig):
         [sys.executable, "-m", "step_lightning.train", *STEP_RUN, f"hydra.run.dir={first}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert last.exists(), "no policy checkpoint appeared"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=300)
+    stderr = kill_once_saved(proc, last, sig)
     interrupted = step_of(last)
     assert 2 <= interrupted < POLICY_STEPS, "the policy phase was not interrupted"
     assert not (first / "policy" / "policy.json").exists() and not (first / "checkpoints").exists()

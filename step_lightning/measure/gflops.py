@@ -91,11 +91,6 @@ def gflops_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch
     ]
 
 
-def mean_gflops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-    """Average batch-1 GFLOPs over images [N,3,H,W]."""
-    per_image = gflops_per_image(model, images, labels)
-    return sum(per_image) / len(per_image)
-
 
 class _Stage(torch.nn.Module):
     """One encoder stage and the head after it, on given tokens [1, N, C] (no tokenizer): its cost is a
