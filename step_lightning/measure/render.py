@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from step_lightning.core import PATCH_SIZE
-from step_lightning.models.base import SegmenterBase, SegmenterOutput
+from step_lightning.models.base import SegmenterBase
+from step_lightning.models.engine import SegmenterOutput
 from step_lightning.models.inference import predict_padded
 from step_lightning.tokens.layout import unshare
 

@@ -1,12 +1,101 @@
-"""Which tokens halt at an exit head: DToP's confidence rule, and a forced fraction for speed studies.
+"""Which tokens halt at an exit head: halting rules as objects with their settings.
 
-Both take per-class scores [B, K, N] (presence x sigmoid(mask logit)) and ``valid`` [B, N] (tokens that
-may halt) and return bool [B, N], True = halts now. Vectorised: no host sync, no loop over classes.
+A rule sees per-class scores [B, K, L] (presence x sigmoid(mask logit)) of one exit head and ``valid`` [B, L]
+(the tokens that may halt: active, not padding) and returns bool [B, L], True = halts now. Rules are vectorised:
+no host sync, no loop over classes. ``settings()`` is what a captured graph bakes in.
+
+Adding a rule: subclass ``HaltingRule`` and ``register_rule`` it under a name; ``ModelSpec(halting=<name>)``
+builds it through ``build_rule`` (its ``from_spec`` reads the settings it needs from the spec).
 """
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
+
 import torch
+
+from step_lightning.core import ConfigError
+
+
+class HaltingRule:
+    """Base: never halts anything."""
+
+    name = "none"
+
+    @classmethod
+    def from_spec(cls, spec) -> HaltingRule:
+        return cls()
+
+    def can_halt(self, exit_index: int) -> bool:
+        """Whether this exit may halt tokens (inference skips the head of an exit that cannot)."""
+        return False
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(valid)
+
+    def settings(self) -> tuple:
+        return (type(self).__name__, *astuple(self)) if hasattr(self, "__dataclass_fields__") else (type(self).__name__,)
+
+
+@dataclass(frozen=True)
+class ConfidenceHalting(HaltingRule):
+    """DToP's rule: a token whose confidence max_c score exceeds ``threshold`` halts, except that for every
+    class the ``keep_top_k`` most confident such tokens stay as context. Scores are at most 1, so a threshold of
+    1 or more halts nothing (DToP's first phase)."""
+
+    threshold: float = 0.9
+    keep_top_k: int = 5
+    name = "confidence"
+
+    @classmethod
+    def from_spec(cls, spec) -> HaltingRule:
+        return cls(spec.prune_threshold, spec.keep_top_k)
+
+    def can_halt(self, exit_index: int) -> bool:
+        return self.threshold < 1.0
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return halting_mask(scores, valid, self.threshold, self.keep_top_k)
+
+
+@dataclass(frozen=True)
+class ForcedHalting(HaltingRule):
+    """Speed-study knob, not the method: the first exit halts exactly round(fraction x valid tokens) of each
+    image, the most confident (at least one token stays); later exits halt nothing."""
+
+    fraction: float = 0.4
+    name = "forced"
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"force_halt={self.fraction} must be a fraction in [0, 1), e.g. force_halt=0.4.")
+
+    def can_halt(self, exit_index: int) -> bool:
+        return exit_index == 0
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if exit_index != 0:
+            return torch.zeros_like(valid)
+        return forced_halting_mask(scores, valid, self.fraction)
+
+
+RULES: dict[str, type[HaltingRule]] = {}
+
+
+def register_rule(rule: type[HaltingRule]) -> type[HaltingRule]:
+    RULES[rule.name] = rule
+    return rule
+
+
+for _rule in (HaltingRule, ConfidenceHalting):
+    register_rule(_rule)
+
+
+def build_rule(spec) -> HaltingRule:
+    """The halting rule a ``ModelSpec`` names (``spec.halting``)."""
+    if spec.halting not in RULES:
+        raise ConfigError(f"halting={spec.halting} must be one of {', '.join(RULES)}.")
+    return RULES[spec.halting].from_spec(spec)
 
 
 def halting_mask(scores: torch.Tensor, valid: torch.Tensor, threshold: float, k: int = 5) -> torch.Tensor:
@@ -32,8 +121,8 @@ def halting_mask(scores: torch.Tensor, valid: torch.Tensor, threshold: float, k:
 
 
 def forced_halting_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Speed-study knob, not the method: halt exactly round(fraction x valid tokens) of each image's
-    valid tokens, the most confident ones (at least one token stays). Same shapes as ``halting_mask``."""
+    """Halt exactly round(fraction x valid tokens) of each image's valid tokens, the most confident ones (at
+    least one token stays). Same shapes as ``halting_mask``."""
     conf = torch.where(valid, scores.amax(dim=1), float("-inf"))
     count = valid.sum(1)
     halt_count = torch.minimum((fraction * count).round().long(), count - 1)
