@@ -35,14 +35,16 @@ from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.components import component_ops, component_times, fixed_ms
-from step_lightning.measure.gflops import gflops_per_image
+from step_lightning.measure.gflops import count_gflops, training_gflops
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
-from step_lightning.measure.presets import ENGINES, apply_engine, build_models, engine_forward, method_configs
+from step_lightning.measure.presets import ENGINES, build_models, engine_forward, method_configs, training_step
 from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
 from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, time_passes
 from step_lightning.metrics import SegMetrics
+from step_lightning.models.engine import InferenceOptions
+from step_lightning.models.loss import ATMLoss
 
 log = logging.getLogger(__name__)
 
@@ -66,44 +68,38 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     models = build_models(configs, datamodule.num_classes, datamodule.ignore_index)
     for name, path in checkpoints.items():  # trained models, rebuilt from their checkpoints alone
         models[name] = load_module(path, key=f"checkpoints.{name}").model
-        models[name].force_halt = configs[name].get("force_halt")
+    options = {name: InferenceOptions.from_config(configs[name]) for name in models}
     engines = list(cfg.get("engines") or ["packed"])
     if unknown := sorted(set(engines) - set(ENGINES)):
         raise ConfigError(f"engines={engines}: {unknown} not among {list(ENGINES)}.")
-    for model in models.values():
-        apply_engine(model, cfg)
+    training = cfg.get("mode", "inference") == "train"
+    if cfg.get("mode", "inference") not in ("inference", "train"):
+        raise ConfigError(f"mode={cfg.mode} must be 'inference' or 'train'.")
     results: dict[str, dict] = {}
     for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
-        per_image = gflops_per_image(model, images, labels)
+        log.info(f"benchmark: counting GFLOPs and tokens of {name} ({len(images)} crops)")
+        counted = [count_gflops(model, images[i : i + 1], labels[i : i + 1], options=options[name])
+                   for i in range(len(images))]
+        per_image = [c["gflops"] for c in counted]
         metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
         results[name] = {
             "gflops": statistics.fmean(per_image),
             "gflops_per_image": per_image,
-            **token_statistics(model, images, labels, metrics),
+            "training_gflops": statistics.fmean(training_gflops(c) for c in counted),
+            **token_statistics(model, images, labels, metrics, options[name]),
         }
-    with torch.inference_mode():
-        x, y = images.to(device, dtype), labels.to(device)
-        batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-        with sdpa_context(cfg.sdpa):
-            for name, model in models.items():
-                model.to(device, dtype)
-                results[name]["peak_mem_mb"] = forward_memory_mb(model, *batches[0])
-                if cfg.get("components", True):
-                    times = component_times(model, *batches[0], device, cfg.repeats)
-                    ops, reads = component_ops(model, *batches[0])
-                    padded_ops, _ = component_ops(model, *batches[0], engine="padded")
-                    results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
-                                      "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
-                                      "host_reads": reads}
-            forwards = {(name, engine): engine_forward(model, engine) for name, model in models.items()
-                        for engine in engines}
-            seconds = time_passes(forwards, batches, cfg, device)
-            for model in models.values():
-                apply_engine(model, cfg)
+    x, y = images.to(device, dtype), labels.to(device)
+    batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+    if training:
+        seconds = time_training(cfg, models, results, batches, device, dtype, datamodule)
+    else:
+        seconds = time_inference(cfg, models, options, results, batches, device, dtype, engines)
     for (name, engine), passes in seconds.items():
-        results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(len(x) / s for s in passes)
+        rates = [len(x) / s for s in passes]
+        results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(rates)
+        results[name].setdefault("images_per_s_spread", {})[engine] = [min(rates), max(rates)]
         results[name].setdefault("pass_seconds", {})[engine] = passes
-    main_engine = "fast" if "fast" in engines else engines[-1]
+    main_engine = "train" if training else ("fast" if "fast" in engines else engines[-1])
     for row in results.values():
         row["images_per_s"] = row["images_per_s_by_engine"][main_engine]
     reference = "segvit" if "segvit" in results else next(iter(results))
@@ -125,7 +121,8 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             "policy": cfg.policy,
             "force_halt": cfg.force_halt,
             "batch_size": cfg.batch_size,
-            "engines": engines,
+            "mode": "train" if training else "inference",
+            "engines": ["train"] if training else engines,
             "throughput_engine": main_engine,
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
@@ -145,6 +142,45 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     log.info(Path(cfg.paths.output_dir, "benchmark.md").read_text())
     log.info(f"benchmark: {path}")
     return report
+
+
+def time_inference(cfg, models, options, results, batches, device, dtype, engines) -> dict:
+    """Peak memory, per-component times and dispatched ops of each method's forward, and the seconds of every
+    timed pass per (method, engine), methods and engines alternating round by round."""
+    with torch.inference_mode(), sdpa_context(cfg.sdpa):
+        for name, model in models.items():
+            model.to(device, dtype)
+            log.info(f"benchmark: memory and components of {name}")
+            forward = engine_forward(model, options[name], "packed")
+            results[name]["peak_mem_mb"] = forward_memory_mb(forward, *batches[0])
+            if cfg.get("components", True):
+                times = component_times(model, *batches[0], device, cfg.repeats, options[name])
+                ops, reads = component_ops(model, *batches[0], options[name])
+                padded_ops, _ = component_ops(model, *batches[0], options[name], engine="padded")
+                results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
+                                  "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
+                                  "host_reads": reads}
+        forwards = {(name, engine): engine_forward(model, options[name], engine) for name, model in models.items()
+                    for engine in engines}
+        return time_passes(forwards, batches, cfg, device)
+
+
+def time_training(cfg, models, results, batches, device, dtype, datamodule) -> dict:
+    """Peak memory and the seconds of every timed pass of training steps (forward, ATM loss, backward; weights
+    in fp32 under autocast for bf16/fp16) per method, methods alternating round by round."""
+    criterion = ATMLoss(datamodule.num_classes, datamodule.ignore_index)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    steps = {}
+    with sdpa_context(cfg.sdpa):
+        for name, model in models.items():
+            model.to(device).train()
+            steps[(name, "train")] = training_step(model, criterion, autocast)
+            log.info(f"benchmark: memory of a training step of {name}")
+            results[name]["peak_mem_mb"] = forward_memory_mb(steps[(name, "train")], *batches[0])
+        return time_passes(steps, [(images.float(), labels) for images, labels in batches], cfg, device)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")

@@ -28,6 +28,7 @@ from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.summary import headline, validation_summary, write_summary
+from step_lightning.models.engine import InferenceOptions
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     tokenizer, policy = tokenizer_override(cfg, overrides)
     module = load_module(ckpt, tokenizer=tokenizer, policy=policy, eval_mode=cfg.eval.mode, eval_crop=cfg.eval.crop,
                          eval_stride=cfg.eval.stride)
-    module.model.engine, module.model.fast = eval_cfg.get("engine", "packed"), bool(eval_cfg.get("fast", False))
+    module.inference = InferenceOptions.from_config(eval_cfg)
     trained_classes = module.model.num_classes
     if trained_classes != datamodule.num_classes:
         raise ConfigError(

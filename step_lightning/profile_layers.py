@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from pathlib import Path
 
 import hydra
@@ -31,9 +32,10 @@ from step_lightning.config.checks import check_config
 from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
-from step_lightning.measure.layers import Timer, components, gflops_by_component
+from step_lightning.measure.layers import LayerTimer, components, gflops_by_component
 from step_lightning.measure.presets import build_models
 from step_lightning.measure.timing import resolve_device
+from step_lightning.models.engine import InferenceOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +49,34 @@ def profile(cfg: DictConfig) -> dict:
     images, labels, names, datamodule = sample_crops(cfg)
     if cfg.get("ckpt_path"):  # the trained model, rebuilt from its checkpoint alone
         model = load_module(cfg.ckpt_path).model
-        model.force_halt = cfg.get("force_halt")
     else:
         model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
-    flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
-    model.engine = "padded"
+    options = InferenceOptions.from_config(cfg)
+    flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1], options) for i in range(len(images))]
     model.to(device)
-    timer = Timer(device)
-    handles = timer.attach(model)
+    timer = LayerTimer(device, model)
+    handles = timer.attach()
     per_crop, totals = [], []
     with torch.inference_mode():
-        for image, label in zip(images.to(device), labels.to(device), strict=True):
+        for index, (image, label) in enumerate(zip(images.to(device), labels.to(device), strict=True)):
+            log.info(f"profile: crop {index + 1}/{len(images)} of {cfg.method}, {cfg.warmup + cfg.repeats} forwards")
             runs = []
             for run in range(cfg.warmup + cfg.repeats):
                 timer.seconds.clear()
-                timer.begin("forward")
-                model(image[None], label[None])
-                timer.end("forward")
+                start = time.perf_counter()
+                with timer:
+                    model(image[None], label[None], options)
                 if run >= cfg.warmup:
                     parts = dict(timer.seconds)
-                    parts["other"] = parts["forward"] - sum(v for k, v in parts.items() if k != "forward")
+                    parts["forward"] = time.perf_counter() - start
                     runs.append(parts)
             # Means, not medians: the parts of every run add up to its forward, so their means add up exactly.
-            per_crop.append({k: statistics.fmean(r[k] for r in runs) * 1e3 for k in runs[0]})
+            keys = {k for r in runs for k in r}
+            per_crop.append({k: statistics.fmean(r.get(k, 0.0) for r in runs) * 1e3 for k in keys})
     for handle in handles:
         handle.remove()
-    order = [*components(model), *(k for k in ("halting rule", "token selection") if k in per_crop[0]), "other"]
+    extra = ("halting rule", "token selection", "host reads")
+    order = [*components(model), *(k for k in extra if k in per_crop[0]), "other"]
     rows = {
         label: {
             "ms": statistics.fmean(c.get(label, 0.0) for c in per_crop),

@@ -21,6 +21,7 @@ from step_lightning.core import ConfigError
 from step_lightning.lit.schedules import lr_factor
 from step_lightning.metrics import ExitStats, SegMetrics, TokenStats
 from step_lightning.models.checkpoint import load_weights
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.factory import ModelSpec, build_model
 from step_lightning.models.inference import infer
 from step_lightning.models.loss import ATMLoss
@@ -91,6 +92,7 @@ class SegmentationModule(L.LightningModule):
         self.token_stats = TokenStats()
         self.exit_stats = ExitStats()
         self.last_val: dict = {}
+        self.inference = InferenceOptions()  # how validation forwards run (eval sets the command's options)
 
     @classmethod
     def from_config(
@@ -143,7 +145,7 @@ class SegmentationModule(L.LightningModule):
         images, labels = batch["image"], batch["label"]
         hp = self.hparams
         scores, outs = infer(self.model, images, tuple(labels.shape[-2:]), hp.eval_mode, hp.eval_crop, hp.eval_stride,
-                             labels=labels)
+                             labels=labels, options=self.inference)
         self.val_metrics.update(scores.argmax(1), labels)
         for out in outs:
             self.update_token_stats(out)

@@ -114,7 +114,7 @@ class DispatchCounter(Probe):
         self._reading = False
         self._modes: list = []
 
-    def mark(self, section: str) -> None:
+    def mark(self, section: str, detail=None) -> None:
         self.section = section
 
     def _host_read(self, what: str) -> None:

@@ -3,7 +3,7 @@
 Training, inference, GFLOPs counting and export all run ``forward`` below over a ``TokenStore``: the tokens of
 the whole batch as rows [T, C] with their ``Packing`` (``step_lightning.models.packed``), the canvas of mask
 logits and the halting bookkeeping. A stage is written once (``run_stage``): the encoder blocks over the rows
-(``block_rows``: timm's modules, attention kernel chosen by the packing), the stage's head (ATM over rows), the
+(``RowBlock``: timm's block, attention kernel chosen by the packing), the stage's head (ATM over rows), the
 canvas painted with its logits and, at an exit, the halting rule's decision. Two stores differ only in how
 halted tokens leave:
 
@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from step_lightning.core import ConfigError
 from step_lightning.models.halting import ForcedHalting, HaltingRule
-from step_lightning.models.packed import Packing, block_rows, bucket
+from step_lightning.models.packed import Packing, bucket
 from step_lightning.models.tokenizer import patch_grid
 from step_lightning.tokens.embed import SupertokenEmbed
 from step_lightning.tokens.layout import TokenLayout
@@ -86,9 +86,10 @@ _PROBE = None
 
 
 class Probe:
-    """Told where the forward is: ``mark(section)`` at each component boundary (eager segments only)."""
+    """Told where the forward is: ``mark(section, detail)`` at each component boundary (eager segments only);
+    ``detail``: the block index in "blocks", ("head" | "rule" | "select", exit index) in "exits"."""
 
-    def mark(self, section: str) -> None:  # pragma: no cover - interface
+    def mark(self, section: str, detail=None) -> None:  # pragma: no cover - interface
         pass
 
 
@@ -103,9 +104,9 @@ def probing(probe: Probe):
         _PROBE = previous
 
 
-def mark(section: str) -> None:
+def mark(section: str, detail=None) -> None:
     if _PROBE is not None:
-        _PROBE.mark(section)
+        _PROBE.mark(section, detail)
 
 
 def host_read(values: Tensor) -> list[int]:
@@ -436,10 +437,12 @@ class TokenStore:
         return TokenStore(tokens.x, packing, slots, None, packing.counts, canvas, [], [], [], [], [], halt_head,
                           tokens, masked)
 
-    def run_blocks(self, blocks, tap: bool) -> TokenStore:
+    def run_blocks(self, blocks, first: int, tap: bool) -> TokenStore:
+        """``blocks`` (encoder blocks ``first``, ``first`` + 1, ...) over the rows; frozen rows keep their values."""
         x = self.x
-        for block in blocks:
-            y = block_rows(block, x, self.packing)
+        for index, block in enumerate(blocks, first):
+            mark("blocks", index)
+            y = block(x, self.packing)
             x = torch.where(self.packing.real[:, None], y, x) if self.masked and not self.packing.uniform else y
         return replace(self, x=x, taps=[*self.taps, x] if tap else self.taps)
 
@@ -484,7 +487,6 @@ class TokenStore:
         """Keep the rows that survived the last exit, in order: cumsum of the keep flags numbers them, an
         index_copy with distinct destinations inverts that into each new row's source, one index_select moves
         the tokens (dummy rows copy row 0: finite, never read)."""
-        mark("exits")
         keep, old = self.keep, self.packing
         device = keep.device
         packing = Packing.from_counts(self.counts, rows, length)
@@ -524,19 +526,19 @@ def run_stage(model, store: TokenStore, index: int, rule: HaltingRule) -> TokenS
     canvas painted with the head's outputs and, at an exit, the halting decision. At inference an exit that
     cannot halt skips its head; in training every head runs (each gets a loss)."""
     start, end = model.stages[index]
-    mark("blocks")
-    store = store.run_blocks(model.encoder.blocks[start:end], tap=model.cascade)
+    store = store.run_blocks(model.encoder.blocks[start:end], start, tap=model.cascade)
     head = model.stage_head(index)
     if head is None:
         return store
     is_exit = index < model.num_exits
     if is_exit and not model.training and not rule.can_halt(index):
         return store.idle_exit()
-    mark("exits" if is_exit else "heads")
+    mark("exits", ("head", index)) if is_exit else mark("heads")
     outs = head(store.taps[::-1] if model.cascade else [store.x], store.packing)  # cascade: deepest first
     for out in outs:
         store = store.paint(out)
     if is_exit:
+        mark("exits", ("rule", index))
         store = store.decide(rule, index, head, outs[-1])
     return store
 
@@ -547,6 +549,7 @@ def run_segment(model, rule, policy, images, labels, pre, store, sizes, first: i
     if store is None:
         store = TokenStore.start(embed(model, policy, images, labels, pre), model.num_classes, masked)
     elif sizes is not None:
+        mark("exits", ("select", first - 1))
         store = store.compact(*sizes)
     for index in range(first, last + 1):
         store = run_stage(model, store, index, rule)

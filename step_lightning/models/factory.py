@@ -8,8 +8,8 @@ from step_lightning.core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, Confi
 from step_lightning.models.backbones import backbone_spec
 from step_lightning.models.base import SegmenterBase
 from step_lightning.models.early_exit import EarlyExitSegmenter
-from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.halting import build_rule
+from step_lightning.models.segmenter import Segmenter
 from step_lightning.models.tokenizer import CTSTokenizer, DCTSTokenizer, PatchTokenizer
 from step_lightning.models.vit import ViTEncoder
 from step_lightning.tokens.policy import PolicyNet
@@ -126,7 +126,8 @@ def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBa
     tokenizer = build_tokenizer(spec, policy)
     if spec.prune_heads:
         return EarlyExitSegmenter(
-            encoder, spec.num_classes, spec.prune_heads, tokenizer, build_rule(spec), head_layers=spec.head_layers, exit_head_layers=spec.exit_head_layers, head_num_heads=spec.exit_num_heads,
+            encoder, spec.num_classes, spec.prune_heads, tokenizer, build_rule(spec), head_layers=spec.head_layers,
+            exit_head_layers=spec.exit_head_layers, head_num_heads=spec.exit_num_heads,
         )
     taps = spec.taps or backbone_spec(spec.backbone).taps
     taps = tuple(t for t in taps if t <= encoder.depth)

@@ -34,7 +34,8 @@ class HaltingRule:
         return torch.zeros_like(valid)
 
     def settings(self) -> tuple:
-        return (type(self).__name__, *astuple(self)) if hasattr(self, "__dataclass_fields__") else (type(self).__name__,)
+        fields = astuple(self) if hasattr(self, "__dataclass_fields__") else ()
+        return (type(self).__name__, *fields)
 
 
 @dataclass(frozen=True)

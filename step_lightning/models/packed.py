@@ -237,23 +237,3 @@ def drop_path_rows(module: nn.Module, values: Tensor, packing: Packing) -> Tenso
     if getattr(module, "scale_by_keep", True):
         decisions = decisions / keep
     return values * decisions.index_select(0, packing.row_images())[:, None]
-
-
-def block_rows(block: nn.Module, x: Tensor, packing: Packing) -> Tensor:
-    """One timm ViT ``Block`` over token rows x [rows, C], with the block's own submodules (norms,
-    projections, MLP, layer scale, dropout); attention per image by the kernel the packing selects, drop path
-    per image."""
-    attn = block.attn
-    rows = x.shape[0]
-    y = block.norm1(x)
-    qkv = attn.qkv(y).view(rows, 3, attn.num_heads, attn.head_dim)
-    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-        q, k, v = qkv.unbind(1)
-        qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), 1)
-    out = self_attention(qkv, packing, attn.scale).reshape(rows, attn.attn_dim)
-    out = attn.norm(out)
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(y).sigmoid()
-    out = attn.proj_drop(attn.proj(out))
-    x = x + drop_path_rows(block.drop_path1, block.ls1(out), packing)
-    return x + drop_path_rows(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
