@@ -117,7 +117,7 @@ class _Stage(torch.nn.Module):
         store = store_from_rows(self.model, x)
         for index in range(self.index if not self.model.cascade else 0, self.index + 1):
             store = run_stage(self.model, store, index, self.model.halting)
-        return (store.x, *store.canvases)
+        return (store.x, *store.canvases, *store.class_logits)
 
 
 class ForwardCost:

@@ -36,7 +36,7 @@ from step_lightning.core import ConfigError
 from step_lightning.models.halting import ForcedHalting, HaltingRule
 from step_lightning.models.packed import Packing, bucket
 from step_lightning.models.tokenizer import patch_grid
-from step_lightning.tokens.embed import SupertokenEmbed
+from step_lightning.tokens.embed import embed_pyramid
 from step_lightning.tokens.layout import TokenLayout
 from step_lightning.tokens.packed import PackedLayout, pack_layout, token_starts
 from step_lightning.tokens.policy import fused_policy
@@ -354,7 +354,7 @@ def embed(model, policy, images, labels, pre) -> Tokens:
     if not packing.aligned:
         cell_slot = packing.row_dense.index_select(0, cell_slot)
     mark("embed")
-    feats = SupertokenEmbed.pyramid(images, grid, encoder.patch_embed.proj, encoder.pos_embed_grid(*grid))
+    feats = embed_pyramid(images, grid, encoder.patch_embed.proj, encoder.pos_embed_grid(*grid))
     x = feats.reshape(-1, feats.shape[-1]).index_select(0, layout.row_feature)
     return Tokens(x, packing, layout, cell_slot)
 

@@ -107,8 +107,10 @@ class Packing:
                        contiguous=False)
 
     def with_key_mask(self, key_mask: Tensor) -> Packing:
-        """The same padded rows with another key mask (masked halting: halted tokens stop being keys)."""
-        return replace(self, counts=key_mask.sum(1), key_mask=key_mask, bias=None, real_rows=None)
+        """The same aligned rows (padded, or regular) as padded rows with another key mask [B, L] (masked
+        halting: halted tokens stop being keys)."""
+        return replace(self, counts=key_mask.sum(1), row_image=None, key_mask=key_mask, uniform=False,
+                       contiguous=False, bias=None, real_rows=None)
 
     def row_images(self) -> Tensor:
         """int64 [rows]: the image of each row (B on dummy rows)."""

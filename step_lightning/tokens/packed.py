@@ -32,7 +32,7 @@ class PackedLayout:
     cell_row:  int64 [B, Hp*Wp]  packed row of the token covering each cell.
     row_size:  int64 [rows]      token side in patches.
     row_pos:   int64 [rows, 2]   (row, col) of the token's top-left cell.
-    row_feature: int64 [rows]    index into ``SupertokenEmbed.pyramid`` of the whole batch flattened to
+    row_feature: int64 [rows]    index into ``embed_pyramid`` of the whole batch flattened to
                                  [B * S, C] (image-major).
     counts:    int64 [B]         tokens per image.
     grid:      (Hp, Wp)
@@ -90,5 +90,5 @@ def pack_layout(size_map: Tensor, is_start: Tensor, counts: Tensor, offset: Tens
 
 
 def pyramid_size(hp: int, wp: int) -> int:
-    """S: the number of windows over all levels of ``SupertokenEmbed.pyramid`` for an Hp x Wp grid."""
+    """S: the number of windows over all levels of ``embed_pyramid`` for an Hp x Wp grid."""
     return sum((hp // s) * (wp // s) for s in TOKEN_SIZES)
