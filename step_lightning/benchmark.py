@@ -45,6 +45,7 @@ from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, 
 from step_lightning.metrics import SegMetrics
 from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.loss import ATMLoss
+from step_lightning.models.packed import varlen_attn
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     x, y = images.to(device, dtype), labels.to(device)
     batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
     if training:
-        seconds = time_training(cfg, models, results, batches, device, dtype, datamodule)
+        seconds = time_training(cfg, models, options, results, batches, device, dtype, datamodule)
     else:
         seconds = time_inference(cfg, models, options, results, batches, device, dtype, engines)
     for (name, engine), passes in seconds.items():
@@ -103,7 +104,7 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     for row in results.values():
         row["images_per_s"] = row["images_per_s_by_engine"][main_engine]
     reference = "segvit" if "segvit" in results else next(iter(results))
-    add_ratios(results, reference)
+    add_ratios(results, reference, "training_gflops" if training else "gflops")
     add_engine_ratios(results, reference)
     memory = (
         "CUDA max_memory_allocated during the forward minus allocated before"
@@ -131,6 +132,10 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             "sdpa": cfg.sdpa,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "attention": "varlen (flash) for packed rows" if device.type == "cuda" and varlen_attn is not None
+            and dtype != torch.float32 else "scaled_dot_product_attention (dense view)",
             "memory": memory,
             "reference": reference,
         },
@@ -165,9 +170,10 @@ def time_inference(cfg, models, options, results, batches, device, dtype, engine
         return time_passes(forwards, batches, cfg, device)
 
 
-def time_training(cfg, models, results, batches, device, dtype, datamodule) -> dict:
+def time_training(cfg, models, options, results, batches, device, dtype, datamodule) -> dict:
     """Peak memory and the seconds of every timed pass of training steps (forward, ATM loss, backward; weights
-    in fp32 under autocast for bf16/fp16) per method, methods alternating round by round."""
+    in fp32 under autocast for bf16/fp16) per method, methods alternating round by round. ``force_halt`` applies
+    in training too: the benchmark's models take its rule."""
     criterion = ATMLoss(datamodule.num_classes, datamodule.ignore_index)
 
     def autocast():
@@ -176,6 +182,7 @@ def time_training(cfg, models, results, batches, device, dtype, datamodule) -> d
     steps = {}
     with sdpa_context(cfg.sdpa):
         for name, model in models.items():
+            model.halting = options[name].rule(model)
             model.to(device).train()
             steps[(name, "train")] = training_step(model, criterion, autocast)
             log.info(f"benchmark: memory of a training step of {name}")

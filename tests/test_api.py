@@ -15,6 +15,7 @@ import step_lightning
 from step_lightning.core import ConfigError
 from step_lightning.data.transforms import EvalTransform
 from step_lightning.lit.checkpoint import load_module
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.inference import infer
 
 
@@ -88,10 +89,11 @@ def test_token_layout_and_halting_maps(tiny_checkpoint):
     model = step_lightning.load(tiny_checkpoint("step"))
     out = model.predict(rgb(70, 90), return_tokens=True, return_halting=True)
     assert out.token_map.shape == out.halt_map.shape == (70, 90) and out.scores is None
-    model.model.force_halt = 0.5  # the exit halts half of the tokens (an untrained one would halt none)
+    # the exit halts half of the tokens (an untrained one would halt none)
+    model = step_lightning.load(tiny_checkpoint("step"), options=InferenceOptions(force_halt=0.5))
     image = rgb(128, 128, seed=3)  # without resizing, the maps are the model's own
     out = model.predict(image, resize=False, return_tokens=True, return_halting=True)
-    forward = model.model(model.normalise(image[None]))
+    forward = model.model(model.normalise(image[None]), options=model.options)
     assert len(out.token_map.unique()) == int(forward.tokens[0])
     assert set(out.halt_map.unique().tolist()) == {-1, 0}  # halted by exit head 0, or reached the final head
     halted_tokens = out.token_map[out.halt_map == 0].unique()

@@ -25,7 +25,7 @@ def test_init_from_copies_every_matching_tensor(tmp_path):
     phase2 = SegmentationModule(spec(tmp_path), init_from=str(ckpt)).model
     for name, tensor in phase1.state_dict().items():
         assert torch.equal(phase2.state_dict()[name], tensor), name
-    assert phase2.prune_threshold == 0.9
+    assert phase2.halting.threshold == 0.9 and not phase1.halting.can_halt(0)
 
 
 def test_init_from_rejects_missing_or_foreign_checkpoints(tmp_path):

@@ -95,12 +95,12 @@ def test_visualize_writes_pngs(tmp_path):
 
 def test_halt_head_matches_halted_counts():
     from step_lightning.models.early_exit import EarlyExitSegmenter
+    from step_lightning.models.engine import InferenceOptions
     from step_lightning.models.vit import ViTEncoder
 
     torch.manual_seed(0)
-    model = EarlyExitSegmenter(ViTEncoder("vit_t", 64, depth=3), 5, [1, 2], prune_threshold=1.0).eval()
-    model.force_halt = 0.3
-    out = model(torch.randn(2, 3, 64, 64))
+    model = EarlyExitSegmenter(ViTEncoder("vit_t", 64, depth=3), 5, [1, 2]).eval()
+    out = model(torch.randn(2, 3, 64, 64), options=InferenceOptions(force_halt=0.3))
     halt_head = out.extras["halt_head"]
     assert halt_head.shape == (2, 16)
     assert torch.equal((halt_head == 0).sum(1), out.extras["halted"][:, 0])

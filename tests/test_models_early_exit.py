@@ -25,7 +25,7 @@ from step_lightning.models.tokenizer import DCTSTokenizer
 from step_lightning.models.vit import ViTEncoder
 from tests.reference import masked_forward
 
-PADDED = InferenceOptions(engine="padded")
+PACKED, PADDED = InferenceOptions(), InferenceOptions(engine="padded")
 
 NUM_CLASSES = 4
 
@@ -104,7 +104,7 @@ def test_forced_halting_halts_exact_fraction_of_most_confident():
 
 
 def check_pruned_matches_masked(model: EarlyExitSegmenter, images, labels=None,
-                                options: InferenceOptions = InferenceOptions()) -> torch.Tensor:
+                                options: InferenceOptions = PACKED) -> torch.Tensor:
     """Both stores (packed: halted tokens removed; padded: halted tokens masked) against the dense masked
     oracle: halted and active counts equal, every head's scores equal; the stores' ``halt_head`` equal and
     consistent."""

@@ -362,7 +362,7 @@ def test_drop_path_drops_whole_images_in_training():
     for _ in range(8):
         out = block(x, packing)
         changed = (out - x).abs().sum(1) > 0
-        for b, span in enumerate(torch.split(changed[: int(counts.sum())], counts.tolist())):
+        for span in torch.split(changed[: int(counts.sum())], counts.tolist()):
             assert span.all() or not span.any()
             kept.add(bool(span.all()))
     assert kept == {True, False}

@@ -26,6 +26,7 @@ from step_lightning.core.resize import resize_labels
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.measure.render import token_maps
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.inference import infer
 
 MODES = ("whole", "slide")
@@ -84,9 +85,11 @@ def dataset_metadata(module: SegmentationModule) -> dict:
 
 
 class Predictor:
-    """A trained segmenter in eval mode on ``device`` with what it needs to segment new images."""
+    """A trained segmenter in eval mode on ``device`` with what it needs to segment new images; ``options``: how
+    its forwards run (``InferenceOptions``: store, CUDA graphs, ...)."""
 
-    def __init__(self, module: SegmentationModule, device: str | torch.device | None = "auto"):
+    def __init__(self, module: SegmentationModule, device: str | torch.device | None = "auto",
+                 options: InferenceOptions | None = None):
         spec = module.hparams.model
         if spec["tokenizer"] != "patch" and spec["policy"] == "oracle":
             raise ConfigError(
@@ -97,6 +100,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.module = module.eval().to(self.device)
         self.model = self.module.model
+        self.options = options or InferenceOptions()
         self.spec = dict(spec)
         dataset = dataset_metadata(module)
         self.dataset = dataset["name"]
@@ -194,7 +198,7 @@ class Predictor:
     def _segment(self, images: torch.Tensor, mode, crop, stride, resize, scores, tokens, halting) -> Prediction:
         height, width = images.shape[-2:]
         x = self.prepare(images, resize)
-        class_scores, outs = infer(self.model, x, (height, width), mode, crop, stride)
+        class_scores, outs = infer(self.model, x, (height, width), mode, crop, stride, options=self.options)
         token_map = halt_map = None
         if tokens or halting:
             ids, halted_at = token_maps(outs[0], *x.shape[-2:])
@@ -203,7 +207,8 @@ class Predictor:
         return Prediction(class_scores.argmax(1), class_scores if scores else None, token_map, halt_map)
 
 
-def load(path: str | Path, device: str | torch.device | None = "auto") -> Predictor:
+def load(path: str | Path, device: str | torch.device | None = "auto",
+         options: InferenceOptions | None = None) -> Predictor:
     """The ``Predictor`` of a ``step_lightning.train`` checkpoint, on ``device`` (``auto``: CUDA when
-    available), rebuilt from the checkpoint alone."""
-    return Predictor(load_module(path), device)
+    available), rebuilt from the checkpoint alone; ``options``: ``InferenceOptions``."""
+    return Predictor(load_module(path), device, options)

@@ -70,8 +70,9 @@ def check_training_weights(cfg: DictConfig) -> None:
 
 
 def check_policy(cfg: DictConfig) -> None:
-    """A supertoken method's policy: trainable on this crop (policy=train) or an existing checkpoint."""
-    if tokenizer_kind(cfg) == "patch" or cfg.get("policy") in (None, "oracle"):
+    """A supertoken method's policy: trainable on this crop (policy=train), an existing checkpoint, or an untrained
+    network (policy=random: its cost, for speed measurements)."""
+    if tokenizer_kind(cfg) == "patch" or cfg.get("policy") in (None, "oracle", "random"):
         return
     if str(cfg.policy) != "train":
         policy_file(cfg)

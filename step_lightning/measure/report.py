@@ -9,12 +9,13 @@ from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.models.engine import SECTIONS
 
 
-def add_ratios(results: dict[str, dict], reference: str) -> None:
-    """GFLOPs ratio = reference / method (x-fold reduction), throughput ratio = method / reference;
-    their quotient is 1 when the time saved is proportional to the FLOPs saved."""
+def add_ratios(results: dict[str, dict], reference: str, cost: str = "gflops") -> None:
+    """GFLOPs ratio = reference / method (x-fold reduction) of ``cost`` (``gflops``, or ``training_gflops`` for
+    training steps), throughput ratio = method / reference; their quotient is 1 when the time saved is
+    proportional to the FLOPs saved."""
     ref = results[reference]
     for row in results.values():
-        row["gflops_ratio"] = ref["gflops"] / row["gflops"]
+        row["gflops_ratio"] = ref[cost] / row[cost]
         row["throughput_ratio"] = row["images_per_s"] / ref["images_per_s"]
         row["throughput_per_gflops_ratio"] = row["throughput_ratio"] / row["gflops_ratio"]
 
@@ -31,6 +32,7 @@ COLUMNS = (
     ("method", "method", "{}"),
     ("mIoU", "mIoU", "{:.2f}"),
     ("GFLOPs", "gflops", "{:.1f}"),
+    ("train GFLOPs", "training_gflops", "{:.1f}"),
     ("GFLOPs ratio", "gflops_ratio", "{:.2f}"),
     ("img/s", "images_per_s", "{:.3f}"),
     ("throughput ratio", "throughput_ratio", "{:.2f}"),
@@ -66,13 +68,15 @@ def markdown_table(results: dict[str, dict]) -> str:
 def engines_table(results: dict[str, dict]) -> str:
     """Per method and engine: images/s, speedup over the reference method, speedup / GFLOPs ratio."""
     engines = list(next(iter(results.values())).get("images_per_s_by_engine", {}))
-    head = ["method", "GFLOPs ratio"] + [f"{e} {k}" for e in engines for k in ("img/s", "speedup", "speedup/GFLOPs")]
+    head = ["method", "GFLOPs ratio"] + [f"{e} {k}" for e in engines
+                                         for k in ("img/s", "img/s min-max", "speedup", "speedup/GFLOPs")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
         cells = [name, f"{row['gflops_ratio']:.2f}"]
         for e in engines:
-            cells += [f"{row['images_per_s_by_engine'][e]:.3f}", f"{row['speedup_by_engine'][e]:.2f}",
-                      f"{row['speedup_per_gflops_by_engine'][e]:.2f}"]
+            low, high = row.get("images_per_s_spread", {}).get(e, (float("nan"),) * 2)
+            cells += [f"{row['images_per_s_by_engine'][e]:.3f}", f"{low:.3f}-{high:.3f}",
+                      f"{row['speedup_by_engine'][e]:.2f}", f"{row['speedup_per_gflops_by_engine'][e]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -58,8 +58,11 @@ class SegmenterBase(nn.Module, abc.ABC):
         return forward(self, images, labels, options or DEFAULT_OPTIONS)
 
     def head_scores(self, output: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-class scores [B, K, ...] of one head output (its class logits combined with its masks)."""
-        return self.final_head.semantic_scores(output["class_logits"], output["mask_logits"])
+        """Per-class scores [B, K, ...] of one head output (its class logits combined with its masks), in fp32
+        under mixed precision (sliding windows add them up; decisions compare them)."""
+        logits = output["mask_logits"]
+        with torch.autocast(logits.device.type, enabled=False):
+            return self.final_head.semantic_scores(output["class_logits"].float(), logits.float())
 
     @torch.no_grad()
     def predict(

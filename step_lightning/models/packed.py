@@ -184,14 +184,18 @@ pytree.register_pytree_node(
 )
 
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch without variable-length attention: the dense kernel serves every device
+    varlen_attn = None
+
+
 def use_flash_varlen(x: Tensor, packing: Packing) -> bool:
     """Flash varlen attention serves packed rows on CUDA in fp16/bf16; everything else takes the dense kernel."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and packing.contiguous
+    return varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and packing.contiguous
 
 
 def _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    from torch.nn.attention.varlen import varlen_attn
-
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
