@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test test-fast lint clean
+.PHONY: install train test test-fast lint gpu-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# On one H100/H200: the gpu-marked tests and the GPU speed table under one folder (scripts/gpu_check.sh).
+GPU_CHECK_DIR ?= outputs/gpu-check/$(shell date +%Y%m%d-%H%M%S)
+gpu-check: $(STAMP)
+	PY=$(PY) scripts/gpu_check.sh $(GPU_CHECK_DIR)
 
 lint: $(STAMP)
 	$(PY) -m ruff check step_lightning tests scripts

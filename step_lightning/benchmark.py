@@ -35,7 +35,7 @@ from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.components import component_ops, component_times, fixed_ms
-from step_lightning.measure.gflops import count_gflops, training_gflops
+from step_lightning.measure.gflops import ForwardCost, training_gflops
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
 from step_lightning.measure.presets import ENGINES, build_models, engine_forward, method_configs, training_step
@@ -77,19 +77,24 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     if cfg.get("mode", "inference") not in ("inference", "train"):
         raise ConfigError(f"mode={cfg.mode} must be 'inference' or 'train'.")
     results: dict[str, dict] = {}
+    x, y = images.to(device), labels.to(device)
     for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
         log.info(f"benchmark: counting GFLOPs and tokens of {name} ({len(images)} crops)")
-        counted = [count_gflops(model, images[i : i + 1], labels[i : i + 1], options=options[name])
-                   for i in range(len(images))]
-        per_image = [c["gflops"] for c in counted]
+        model.to(device)
         metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
+        stats = token_statistics(model, x, y, metrics, options[name])
+        # exact per crop from its token counts (tests/test_measure_gflops_supertokens.py), one full trace
+        cost = ForwardCost(model, x[:1], y[:1], options[name])
+        per_image = [cost(t, a) for t, a in zip(stats.pop("tokens_per_image"), stats.pop("active_after_per_image"),
+                                                strict=True)]
         results[name] = {
             "gflops": statistics.fmean(per_image),
             "gflops_per_image": per_image,
-            "training_gflops": statistics.fmean(training_gflops(c) for c in counted),
-            **token_statistics(model, images, labels, metrics, options[name]),
+            "training_gflops": statistics.fmean(training_gflops(g, cost.policy) for g in per_image),
+            **stats,
         }
-    x, y = images.to(device, dtype), labels.to(device)
+        model.cpu()
+    x = x.to(dtype)
     batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
     if training:
         seconds = time_training(cfg, models, options, results, batches, device, dtype, datamodule)

@@ -95,12 +95,11 @@ def gflops_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch
     ]
 
 
-def training_gflops(counted: dict) -> float:
-    """Forward + backward of a training step from a forward's count (``count_gflops``): the backward of every
-    matrix product costs two of its forwards (gradients of inputs and of weights, the usual 3x rule), except
-    in the frozen policy network, which only runs forward."""
-    policy = counted["by_module"].get("tokenizer.policy", 0.0)
-    return 3.0 * (counted["gflops"] - policy) + policy
+def training_gflops(forward: float, policy: float = 0.0) -> float:
+    """Forward + backward of a training step from its forward's GFLOPs: the backward of every matrix product
+    costs two of its forwards (gradients of inputs and of weights, the usual 3x rule), except in the frozen
+    policy network (``policy`` GFLOPs), which only runs forward."""
+    return 3.0 * (forward - policy) + policy
 
 
 
@@ -109,38 +108,43 @@ class _Stage(torch.nn.Module):
     without the tokenizer: its cost is a polynomial of degree 2 in N (attention N^2; projections, MLPs and the
     ATM heads' cross-attention N)."""
 
-    def __init__(self, model: SegmenterBase, index: int):
+    def __init__(self, model: SegmenterBase, index: int, rule):
         super().__init__()
-        self.model, self.index = model, index
+        self.model, self.index, self.rule = model, index, rule
 
     def forward(self, x: torch.Tensor):
         store = store_from_rows(self.model, x)
         for index in range(self.index if not self.model.cascade else 0, self.index + 1):
-            store = run_stage(self.model, store, index, self.model.halting)
+            store = run_stage(self.model, store, index, self.rule)
         return (store.x, *store.canvases, *store.class_logits)
 
 
 class ForwardCost:
     """GFLOPs of one forward from its token counts, exact: the cost of every stage as a quadratic in its
     tokens (fitted exactly on three fvcore counts) plus what does not depend on tokens (policy, embedding),
-    measured on ``image``. Lets a summary cover every image of a validation set without tracing each one."""
+    measured on ``image``. Lets a summary or a benchmark cover every image without tracing each one.
+    ``policy``: the policy network's share (it runs forward only in training)."""
 
     SAMPLES = (16, 64, 256)
 
-    def __init__(self, model: SegmenterBase, image: torch.Tensor, label: torch.Tensor | None = None):
+    def __init__(self, model: SegmenterBase, image: torch.Tensor, label: torch.Tensor | None = None,
+                 options: InferenceOptions | None = None):
+        options = replace(options or InferenceOptions(), engine="packed", fast=False)
         stages = len(model.exit_layers) + 1  # a cascaded head: all its stages counted as one
         self.quadratics = []
         with torch.no_grad():
             for index in range(stages):
                 width = model.encoder.embed_dim
-                stage = _Stage(model, index if not model.cascade else len(model.stages) - 1)
-                counts = [count_gflops(stage, torch.zeros(1, n, width))["gflops"] for n in self.SAMPLES]
+                stage = _Stage(model, index if not model.cascade else len(model.stages) - 1, options.rule(model))
+                counts = [count_gflops(stage, image.new_zeros(1, n, width))["gflops"] for n in self.SAMPLES]
                 self.quadratics.append(np.polyfit(self.SAMPLES, counts, 2))
             was_training = model.training
-            out = model.eval()(image, label)
+            out = model.eval()(image, label, options)
             model.train(was_training)
         active = out.extras["active_after"][0].tolist() if "active_after" in out.extras else []
-        self.fixed = count_gflops(model, image, label)["gflops"] - self.variable(int(out.tokens[0]), active)
+        counted = count_gflops(model, image, label, options=options)
+        self.policy = counted["by_module"].get("tokenizer.policy", 0.0)
+        self.fixed = counted["gflops"] - self.variable(int(out.tokens[0]), active)
 
     def variable(self, tokens: int, active_after: list[int]) -> float:
         return float(sum(np.polyval(q, n) for q, n in zip(self.quadratics, [tokens, *active_after], strict=True)))

@@ -23,6 +23,8 @@ def token_statistics(model: nn.Module, images, labels, metrics: SegMetrics | Non
             metrics.update(scores.argmax(1).cpu(), label[None].cpu())
     tokens = torch.cat(tokens)
     result = {"tokens_mean": tokens.mean().item(), "tokens_after_exits": [], "halted_fraction": 0.0}
+    result["tokens_per_image"] = tokens.tolist()
+    result["active_after_per_image"] = torch.cat(after).tolist() if after else [[] for _ in tokens]
     if after:
         result["tokens_after_exits"] = torch.cat(after).mean(0).tolist()
         result["halted_fraction"] = (torch.cat(halted).sum() / tokens.sum()).item()
