@@ -41,7 +41,7 @@ from step_lightning.measure.memory import forward_memory_mb
 from step_lightning.measure.presets import ENGINES, build_models, engine_forward, method_configs, training_step
 from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
-from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, time_passes
+from step_lightning.measure.timing import DTYPES, profile_pass, resolve_device, sdpa_context, time_passes
 from step_lightning.metrics import SegMetrics
 from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.loss import ATMLoss
@@ -172,7 +172,11 @@ def time_inference(cfg, models, options, results, batches, device, dtype, engine
                                   "host_reads": reads}
         forwards = {(name, engine): engine_forward(model, options[name], engine) for name, model in models.items()
                     for engine in engines}
-        return time_passes(forwards, batches, cfg, device)
+        seconds = time_passes(forwards, batches, cfg, device)
+        if cfg.get("profile") and device.type == "cuda":
+            for (name, engine), forward in forwards.items():
+                results[name].setdefault("profile", {})[engine] = profile_pass(forward, batches, device)
+        return seconds
 
 
 def time_training(cfg, models, options, results, batches, device, dtype, datamodule) -> dict:
@@ -192,7 +196,12 @@ def time_training(cfg, models, options, results, batches, device, dtype, datamod
             steps[(name, "train")] = training_step(model, criterion, autocast)
             log.info(f"benchmark: memory of a training step of {name}")
             results[name]["peak_mem_mb"] = forward_memory_mb(steps[(name, "train")], *batches[0])
-        return time_passes(steps, [(images.float(), labels) for images, labels in batches], cfg, device)
+        batches = [(images.float(), labels) for images, labels in batches]
+        seconds = time_passes(steps, batches, cfg, device)
+        if cfg.get("profile") and device.type == "cuda":
+            for (name, _), step in steps.items():
+                results[name]["profile"] = {"train": profile_pass(step, batches, device)}
+        return seconds
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")

@@ -412,3 +412,12 @@ def test_graph_settings_come_from_the_tokenizer_and_rule_objects():
     model.tokenizer.thresholds = (0.5, 0.5, 0.5, 0.5)
     assert engine.settings_key(model, model.halting) != key
     assert engine.settings_key(model, ConfidenceHalting(0.1, 5)) != engine.settings_key(model, model.halting)
+
+
+def test_alternating_options_keep_each_runner_and_its_graphs():
+    model = build("segvit")
+    device = torch.device("cpu")
+    compiled = replace(FAST, fast_backend="compile:eager")
+    first = engine.segment_runner(model, device, compiled)
+    assert engine.segment_runner(model, device, PACKED) is not first
+    assert engine.segment_runner(model, device, compiled) is first  # not a fresh runner: nothing re-captured

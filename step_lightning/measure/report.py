@@ -122,6 +122,17 @@ def write_plots(results: dict[str, dict], out_dir: Path, title: str) -> list[Pat
     return paths
 
 
+def profile_table(results: dict[str, dict]) -> str:
+    rows = [(name, engine, p) for name, row in results.items() for engine, p in row.get("profile", {}).items()]
+    if not rows:
+        return ""
+    lines = ["| method | engine | wall ms | GPU ms | kernels | GPU idle |", "|---|---|---|---|---|---|"]
+    for name, engine, p in rows:
+        lines.append(f"| {name} | {engine} | {p['wall_ms']:.2f} | {p['gpu_busy_ms']:.2f} | {p['kernels']:.0f} | "
+                     f"{p['gpu_idle_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
 def write_outputs(report: dict, out_dir: Path) -> Path:
     results = report["methods"]
     setting = report["setting"]
@@ -140,6 +151,9 @@ def write_outputs(report: dict, out_dir: Path) -> Path:
         tables.append("Packed engine per component (eager, synchronised at each component; ms per forward of one "
                       "batch / dispatched non-view ops; fixed = policy + layout + embed + exits + read):\n\n"
                       + components)
+    if profiles := profile_table(results):
+        tables.append("Under torch.profiler (one pass; per batch): wall ms, GPU kernel ms, kernels, GPU idle share:\n\n"
+                      + profiles)
     atomic_write_text(out_dir / "benchmark.md", header + "\n\n" + "\n\n".join(tables) + "\n")
     with open(out_dir / "benchmark.csv", "w", newline="") as file:
         writer = csv.writer(file)

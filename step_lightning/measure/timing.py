@@ -56,3 +56,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def profile_pass(forward, batches: list, device: torch.device) -> dict:
+    """One pass of ``forward`` over ``batches`` under torch.profiler (CUDA): wall ms per batch, GPU kernel ms per
+    batch, kernels per batch and the GPU's idle share of the wall time (launch gaps, host reads, Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for images, labels in batches:
+            forward(images, labels)
+        synchronize(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels)  # one stream: kernels do not overlap
+    count = len(batches)
+    return {"wall_ms": wall * 1e3 / count, "gpu_busy_ms": busy_us / 1e3 / count, "kernels": len(kernels) / count,
+            "gpu_idle_fraction": max(0.0, 1.0 - busy_us / 1e6 / wall)}

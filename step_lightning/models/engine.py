@@ -253,8 +253,7 @@ def settings_key(model: nn.Module, rule: HaltingRule) -> tuple:
 
 @dataclass
 class _Cache:
-    runner_key: tuple = ()
-    runner: SegmentRunner = field(default_factory=SegmentRunner)
+    runners: dict = field(default_factory=dict)  # (backend, device) -> SegmentRunner: callers may alternate
     policy_key: tuple = ()
     policy: nn.Module | None = None
 
@@ -275,11 +274,11 @@ def segment_runner(model: nn.Module, device: torch.device, options: InferenceOpt
         backend = options.fast_backend
         if backend != "compile:eager" and device.type != "cuda":
             backend = "eager"  # CUDA graphs / inductor graphs need a GPU: eager segments on CPU
-    cache = _cache(model)
+    runners = _cache(model).runners
     key = (backend, str(device))
-    if cache.runner_key != key:
-        cache.runner_key, cache.runner = key, SegmentRunner(backend)
-    return cache.runner
+    if key not in runners:
+        runners[key] = SegmentRunner(backend)
+    return runners[key]
 
 
 def policy_for(model: nn.Module, fast: bool) -> nn.Module | None:
