@@ -130,3 +130,17 @@ def test_checkpoint_without_dataset_metadata(tiny_checkpoint, tmp_path):
     assert model.class_names[0] == "class 0" and len(model.palette) == 8 and model.short_side == 64
     assert torch.equal(model.predict(rgb(30, 30)), step_lightning.load(tiny_checkpoint("segvit")).predict(rgb(30, 30)))
     assert load_module(old).hparams.dataset is None
+
+
+def test_precision_follows_the_device(tiny_checkpoint):
+    from step_lightning.api.predictor import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) == torch.float32
+    assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ConfigError, match="precision=half"):
+        autocast_dtype("half", torch.device("cpu"))
+    model = step_lightning.load(tiny_checkpoint("segvit"), device="cpu", precision="bf16")  # CPU autocast runs too
+    image = rgb(64, 64)
+    labels = model.predict(image)
+    assert labels.shape == (64, 64)
+    assert (labels == step_lightning.load(tiny_checkpoint("segvit"), device="cpu").predict(image)).float().mean() > 0.9

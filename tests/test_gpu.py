@@ -111,3 +111,16 @@ def test_graph_capture_and_replay_under_autocast(method):
     for out in (first, second, third):
         assert (out - eager).abs().max() < 0.05
     assert torch.equal(first, second)
+
+
+def test_python_api_runs_bf16_on_the_gpu(tiny_checkpoint):
+    import numpy as np
+
+    import step_lightning
+
+    model = step_lightning.load(tiny_checkpoint("step"), device="cuda")
+    assert model.dtype == torch.bfloat16  # the packed store then runs varlen flash attention
+    image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    labels = model.predict(image)
+    full = step_lightning.load(tiny_checkpoint("step"), device="cuda", precision="fp32").predict(image)
+    assert labels.shape == (70, 90) and (labels == full).float().mean() > 0.9

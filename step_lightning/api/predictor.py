@@ -70,6 +70,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``precision`` on ``device`` (``auto``: bf16 or fp16 on a GPU, fp32 elsewhere)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision} must be auto, {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
 def dataset_metadata(module: SegmentationModule) -> dict:
     """The checkpoint's dataset metadata; checkpoints written before it was kept get numbered classes, a
     fixed random palette and the model's own normalisation and crop."""
@@ -86,10 +100,12 @@ def dataset_metadata(module: SegmentationModule) -> dict:
 
 class Predictor:
     """A trained segmenter in eval mode on ``device`` with what it needs to segment new images; ``options``: how
-    its forwards run (``InferenceOptions``: store, CUDA graphs, ...)."""
+    its forwards run (``InferenceOptions``: store, CUDA graphs, ...); ``precision``: ``auto`` = bf16 autocast on a
+    GPU (fp16 where bf16 is unsupported; the packed store then runs variable-length flash attention), fp32 on
+    the CPU; or ``fp32`` / ``bf16`` / ``fp16``."""
 
     def __init__(self, module: SegmentationModule, device: str | torch.device | None = "auto",
-                 options: InferenceOptions | None = None):
+                 options: InferenceOptions | None = None, precision: str = "auto"):
         spec = module.hparams.model
         if spec["tokenizer"] != "patch" and spec["policy"] == "oracle":
             raise ConfigError(
@@ -101,6 +117,7 @@ class Predictor:
         self.module = module.eval().to(self.device)
         self.model = self.module.model
         self.options = options or InferenceOptions()
+        self.dtype = autocast_dtype(precision, self.device)
         self.spec = dict(spec)
         dataset = dataset_metadata(module)
         self.dataset = dataset["name"]
@@ -198,7 +215,8 @@ class Predictor:
     def _segment(self, images: torch.Tensor, mode, crop, stride, resize, scores, tokens, halting) -> Prediction:
         height, width = images.shape[-2:]
         x = self.prepare(images, resize)
-        class_scores, outs = infer(self.model, x, (height, width), mode, crop, stride, options=self.options)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            class_scores, outs = infer(self.model, x, (height, width), mode, crop, stride, options=self.options)
         token_map = halt_map = None
         if tokens or halting:
             ids, halted_at = token_maps(outs[0], *x.shape[-2:])
@@ -208,7 +226,8 @@ class Predictor:
 
 
 def load(path: str | Path, device: str | torch.device | None = "auto",
-         options: InferenceOptions | None = None) -> Predictor:
+         options: InferenceOptions | None = None, precision: str = "auto") -> Predictor:
     """The ``Predictor`` of a ``step_lightning.train`` checkpoint, on ``device`` (``auto``: CUDA when
-    available), rebuilt from the checkpoint alone; ``options``: ``InferenceOptions``."""
-    return Predictor(load_module(path), device, options)
+    available), rebuilt from the checkpoint alone; ``options``: ``InferenceOptions``; ``precision``: ``auto`` (bf16
+    on a GPU), ``fp32``, ``bf16`` or ``fp16``."""
+    return Predictor(load_module(path), device, options, precision)
