@@ -26,7 +26,11 @@ from step_lightning.config.model import tokenizer_kind
 from step_lightning.core import ConfigError
 from step_lightning.core.files import read_json
 from step_lightning.lit.callbacks.durability import LAST, checkpoint_dir
-from step_lightning.lit.callbacks.final_validation import ValidateLastStep, validate_last_weights
+from step_lightning.lit.callbacks.final_validation import (
+    ValidateLastStep,
+    save_last_unless_saved,
+    validate_last_weights,
+)
 from step_lightning.lit.ddp import job_distributed_scope, use_hydra_ddp_command
 from step_lightning.lit.loggers import finish_wandb, instantiate_group, log_final, wandb_offline_unless_logged_in
 from step_lightning.lit.module import SegmentationModule
@@ -106,8 +110,9 @@ def train_job(cfg: DictConfig) -> dict:
 def check_phases_can_step(cfg: DictConfig, datamodule, policy_to_train: bool) -> None:
     """Before any work: a phase whose training split holds fewer images than its global batch would run zero
     steps (Lightning drops the partial batch) and pass for finished; stop with the mismatch instead."""
-    batches = [("policy_train.batch_size", cfg.policy_train.get("batch_size") or datamodule.batch_size)] \
-        if policy_to_train else []
+    batches = []
+    if policy_to_train:
+        batches.append(("policy_train.batch_size", cfg.policy_train.get("batch_size") or datamodule.batch_size))
     if cfg.task != "policy":
         batches.append(("data.batch_size", datamodule.batch_size))
     if not batches:
@@ -180,19 +185,18 @@ def fit_segmenter(
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
             validate_last_weights(trainer, module, final, datamodule=datamodule)
-            if not last.is_file():  # last_checkpoint disabled, or fast_dev_run
-                trainer.save_checkpoint(last)
+            save_last_unless_saved(trainer, last)
         except SIGTERMException:
             raise Stopped(last) from None
         scores = validation_summary(module.last_val, datamodule.class_names)
-        best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        best_callback = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         summary = {
             "method": cfg.get("method"),
             **scores,
             "gflops": validation_gflops(module.model, module.last_val, *sample_batch(datamodule, count=1)),
             "wall_time_s": time.time() - start,
             "checkpoint": str(last),
-            "best": best_validated(best, last, trainer.global_step, scores["mIoU"], "mIoU"),
+            "best": best_validated(best_callback, last, trainer.global_step, scores["mIoU"], "mIoU"),
             "steps": trainer.global_step,
             "policy": policy_summary,
             "config": OmegaConf.to_container(cfg, resolve=True),

@@ -78,10 +78,11 @@ def test_policy_phase_ends_with_a_validation_of_its_last_weights(tmp_path, monke
 @pytest.mark.skipif(not (REALDATA / "cityscapes").is_dir(), reason="no real Cityscapes samples")
 def test_policy_phase_on_cts_cityscapes_crops(tmp_path):
     """task=policy on the real Cityscapes frames with CTS's Cityscapes data: full-resolution crops, no border rule."""
-    summary = run_train(["task=policy", "data=cityscapes", f"data.root={REALDATA / 'cityscapes'}", "data.val_split=train",
-                         "debug=tiny", "crop_size=128", "policy_train.data=crops", "policy_train.size=256",
-                         "policy_train.exclude_border=false", "policy_train.batch_size=2", "policy_train.max_steps=2",
-                         "+trainer.limit_val_batches=1", "policy_train.pretrained=false"], tmp_path)
+    overrides = ["task=policy", "data=cityscapes", f"data.root={REALDATA / 'cityscapes'}", "data.val_split=train",
+                 "debug=tiny", "crop_size=128", "policy_train.data=crops", "policy_train.size=256",
+                 "policy_train.exclude_border=false", "policy_train.batch_size=2", "policy_train.max_steps=2",
+                 "+trainer.limit_val_batches=1", "policy_train.pretrained=false"]
+    summary = run_train(overrides, tmp_path)
     assert summary["steps"] == 2 and {"val/loss", "val/auroc_2"} <= set(summary["metrics"])
     hparams = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)["hyper_parameters"]
     assert hparams["exclude_border"] is False and tuple(hparams["sizes"]) == window_sizes_for(128)

@@ -70,10 +70,15 @@ def test_a_run_ends_with_a_validation_of_its_last_weights(tmp_path, monkeypatch)
     assert torch.load(best["checkpoint"], map_location="cpu", weights_only=False)["global_step"] == best["step"]
 
 
-def test_a_run_shorter_than_its_validation_interval_reports_its_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("last_checkpoint", ["default", "null"])
+def test_a_run_shorter_than_its_validation_interval_reports_its_last_checkpoint(tmp_path, monkeypatch,
+                                                                                last_checkpoint):
+    """No validation falls in the run: the end is validated and last.ckpt (written by the run without its
+    last_checkpoint callback) is the result."""
     validated = record_validations(monkeypatch)
+    extra = ["callbacks.last_checkpoint=null"] if last_checkpoint == "null" else []
     summary = run_train([*TINY_RUN, "trainer.max_steps=3", "trainer.val_check_interval=100",
-                         "callbacks.visualization=null"], tmp_path)
+                         "callbacks.visualization=null", *extra], tmp_path)
     assert [step for step, _ in validated] == [3]
     assert summary["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt") and summary["best"]["step"] == 3
     assert torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)["global_step"] == 3

@@ -24,7 +24,11 @@ from step_lightning.config.model import policy_architecture
 from step_lightning.core import ConfigError
 from step_lightning.core.files import write_json
 from step_lightning.lit.callbacks.durability import LAST, BestCheckpoint
-from step_lightning.lit.callbacks.final_validation import ValidateLastStep, validate_last_weights
+from step_lightning.lit.callbacks.final_validation import (
+    ValidateLastStep,
+    save_last_unless_saved,
+    validate_last_weights,
+)
 from step_lightning.lit.loggers import finish_wandb, instantiate_group
 from step_lightning.lit.policy_module import PolicyModule
 from step_lightning.lit.resume import POLICY_DIR, POLICY_RESULT
@@ -82,8 +86,7 @@ def train_policy(cfg: DictConfig, datamodule, output_dir: Path, resume: Path | N
                     ckpt_path=str(resume) if resume else None)
         validate_last_weights(trainer, module, final, dataloaders=val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        if not last.is_file():  # last_checkpoint disabled, or fast_dev_run
-            trainer.save_checkpoint(last)
+        save_last_unless_saved(trainer, last)
     finally:
         finish_wandb(loggers)  # after the policy's last log; the segmenter's training is a separate W&B run
     log.info("policy: " + " ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())))

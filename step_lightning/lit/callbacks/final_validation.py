@@ -1,12 +1,16 @@
-"""Every training phase ends with a validation of its last weights, whatever ``val_check_interval``: Lightning
-validates only at multiples of it, so a 40k-step phase at interval 16k would end scored at step 32k."""
+"""Every training phase ends with a validation of its last weights, whatever ``val_check_interval`` (Lightning
+validates only at multiples of it, so a 40k-step phase at interval 16k would end scored at step 32k), and the
+phase's result is those weights, in its ``last.ckpt``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+
+from step_lightning.lit.callbacks.durability import LastCheckpoint
 
 
 class ValidateLastStep(Callback):
@@ -33,3 +37,10 @@ def validate_last_weights(trainer: Trainer, module: LightningModule, final: Vali
     validates here."""
     if final.validated_step != trainer.global_step:
         trainer.validate(module, verbose=False, **loaders)
+
+
+def save_last_unless_saved(trainer: Trainer, last: Path) -> None:
+    """The last weights in ``last``: ``LastCheckpoint`` wrote them at the end of the fit; without it
+    (``callbacks.last_checkpoint=null``) they are written here."""
+    if not any(isinstance(callback, LastCheckpoint) for callback in trainer.callbacks):
+        trainer.save_checkpoint(last)
