@@ -34,7 +34,7 @@ def test_loaded_model_carries_its_dataset_and_protocol(tiny_checkpoint):
     assert not model.model.training and model.device == torch.device("cpu")
     assert model.dataset == "synthetic" and model.num_classes == 8
     assert model.class_names[:2] == ["sky", "ground"] and model.palette[0] == [128, 180, 235]
-    assert model.mean == (123.675, 116.28, 103.53) and model.short_side == 64
+    assert model.mean == (123.675, 116.28, 103.53) and model.eval_scale == (2048, 64)
     assert (model.mode, model.crop, model.stride) == ("whole", 64, 42)
     assert step_lightning.load(tiny_checkpoint("segvit_slide")).mode == "slide"
 
@@ -58,10 +58,10 @@ def test_every_input_kind_gives_the_same_labels_at_the_input_size(tiny_checkpoin
 
 
 def test_resize_follows_the_evaluation_transform(tiny_checkpoint):
-    """The model input is the eval transform's size (short side = training crop) and, where no resize is
-    needed, predict is exactly eval's inference."""
+    """The model input is the eval transform's size (short side = training crop, long side at most 2048) and,
+    where no resize is needed, predict is exactly eval's inference."""
     model = step_lightning.load(tiny_checkpoint("segvit"))
-    for height, width in [(50, 70), (120, 64), (33, 200)]:
+    for height, width in [(50, 70), (120, 64), (33, 200), (20, 1000)]:  # 20x1000: the 2048 px long side binds
         resized, _ = EvalTransform(64, model.mean, model.std)(rgb(height, width), np.zeros((height, width)))
         assert model.model_size(height, width) == resized.shape[:2]
     image = rgb(64, 96)
@@ -127,7 +127,7 @@ def test_checkpoint_without_dataset_metadata(tiny_checkpoint, tmp_path):
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     model = step_lightning.load(old)
-    assert model.class_names[0] == "class 0" and len(model.palette) == 8 and model.short_side == 64
+    assert model.class_names[0] == "class 0" and len(model.palette) == 8 and model.eval_scale == (2048, 64)
     assert torch.equal(model.predict(rgb(30, 30)), step_lightning.load(tiny_checkpoint("segvit")).predict(rgb(30, 30)))
     assert load_module(old).hparams.dataset is None
 
@@ -144,3 +144,14 @@ def test_precision_follows_the_device(tiny_checkpoint):
     labels = model.predict(image)
     assert labels.shape == (64, 64)
     assert (labels == step_lightning.load(tiny_checkpoint("segvit"), device="cpu").predict(image)).float().mean() > 0.9
+
+
+def test_checkpoint_with_the_short_side_only(tiny_checkpoint, tmp_path):
+    """Checkpoints that kept only the short side of the test resize get mmseg's (2048, short side) scale."""
+    checkpoint = torch.load(tiny_checkpoint("segvit"), weights_only=False)
+    dataset = checkpoint["hyper_parameters"]["dataset"]
+    dataset["short_side"] = dataset.pop("eval_scale")[1]
+    old = tmp_path / "short_side.ckpt"
+    torch.save(checkpoint, old)
+    model = step_lightning.load(old)
+    assert model.eval_scale == (2048, 64) and model.model_size(20, 1000) == (41, 2048)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from step_lightning.api.images import as_rgb, same_size_batches
 from step_lightning.core import ConfigError
 from step_lightning.core.resize import resize_labels
+from step_lightning.data.transforms import protocol_scale, rescale_size
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.measure.render import token_maps
@@ -95,7 +96,7 @@ def dataset_metadata(module: SegmentationModule) -> dict:
     palette = torch.randint(0, 256, (classes, 3), generator=torch.Generator().manual_seed(0)).tolist()
     return {"name": "unknown", "class_names": [f"class {k}" for k in range(classes)], "palette": palette,
             "mean": list(spec["mean"]), "std": list(spec["std"]), "ignore_index": spec["ignore_index"],
-            "short_side": spec["img_size"]}
+            "eval_scale": list(protocol_scale(spec["img_size"]))}
 
 
 class Predictor:
@@ -126,7 +127,8 @@ class Predictor:
         self.mean: tuple[float, ...] = tuple(dataset["mean"])
         self.std: tuple[float, ...] = tuple(dataset["std"])
         self.ignore_index: int = dataset["ignore_index"]
-        self.short_side: int = dataset["short_side"]
+        # Checkpoints written before the scale was kept hold the short side of the (2048, crop) scale.
+        self.eval_scale: tuple[int, int] = tuple(dataset.get("eval_scale") or protocol_scale(dataset["short_side"]))
         self.mode: str = module.hparams.eval_mode
         self.crop: int = module.hparams.eval_crop
         self.stride: int = module.hparams.eval_stride
@@ -139,7 +141,7 @@ class Predictor:
         return (
             f"Predictor({self.spec['backbone']}, tokenizer={self.spec['tokenizer']}, "
             f"exits={list(self.spec['prune_heads'])}, {self.num_classes} classes of {self.dataset}, mode={self.mode}, "
-            f"crop={self.crop}, stride={self.stride}, short_side={self.short_side}, device={self.device})"
+            f"crop={self.crop}, stride={self.stride}, eval_scale={self.eval_scale}, device={self.device})"
         )
 
     def normalise(self, images: np.ndarray) -> torch.Tensor:
@@ -150,10 +152,10 @@ class Predictor:
         return (x - mean) / std
 
     def model_size(self, height: int, width: int) -> tuple[int, int]:
-        """The evaluation protocol's input size: the short side becomes ``short_side``, the ratio is kept
-        (rounded as ``EvalTransform`` does)."""
-        factor = self.short_side / min(height, width)
-        return int(height * factor + 0.5), int(width * factor + 0.5)
+        """The evaluation protocol's input size (``EvalTransform``'s): resized, ratio kept, to fit ``eval_scale``
+        (long, short)."""
+        width, height = rescale_size(width, height, self.eval_scale)
+        return height, width
 
     def prepare(self, images: torch.Tensor, resize: bool = True) -> torch.Tensor:
         """A normalised batch [B, 3, H, W] as the model sees it (resized per the protocol unless ``resize``

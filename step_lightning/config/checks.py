@@ -46,6 +46,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("tau") is not None:
         parse_tau(cfg.tau)
     check_policy(cfg)
+    check_policy_data(cfg)
     world = world_size(cfg.trainer)
     if world and "batch_size" in cfg.data and cfg.data.batch_size % world:
         raise ConfigError(
@@ -80,4 +81,28 @@ def check_policy(cfg: DictConfig) -> None:
         raise ConfigError(
             f"crop_size={cfg.crop_size} holds no 2x2 window of {PATCH_SIZE} px patches for policy=train to learn; "
             f"use crop_size >= {2 * PATCH_SIZE}."
+        )
+
+
+POLICY_DATA = ("augmented", "whole", "crops")
+
+
+def check_policy_data(cfg: DictConfig) -> None:
+    """The policy's training data (``policy_train``): a known mode, and whole images or crops that hold a window
+    of every size the policy has a head for (a head without targets would never learn)."""
+    policy_train = cfg.get("policy_train")
+    if policy_train is None:
+        return
+    data, size = policy_train.get("data", "augmented"), policy_train.get("size")
+    if data not in POLICY_DATA:
+        raise ConfigError(f"policy_train.data={data} must be one of {', '.join(POLICY_DATA)}.")
+    if data == "augmented":
+        return
+    if not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
+        raise ConfigError(f"policy_train.size={size} must be a positive multiple of {PATCH_SIZE} (e.g. the crop_size).")
+    largest = max(window_sizes_for(cfg.crop_size), default=0)
+    if size < largest * PATCH_SIZE:
+        raise ConfigError(
+            f"policy_train.size={size} holds no {largest}x{largest} window ({largest * PATCH_SIZE} px), which the "
+            f"policy scores at crop_size={cfg.crop_size}; use policy_train.size >= {largest * PATCH_SIZE}."
         )

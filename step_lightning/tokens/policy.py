@@ -196,6 +196,7 @@ def homogeneity_targets(
     grid: tuple[int, int],
     sizes: Sequence[int] = WINDOW_SIZES,
     ignore_index: int = IGNORE_INDEX,
+    exclude_border: bool = True,
 ) -> dict[int, Tensor]:
     """CTS's policy targets per window, extended to every size (dCTS; our design).
 
@@ -204,8 +205,9 @@ def homogeneity_targets(
     Returns {s: float [B, Hp//s, Wp//s]} with
       1   every pixel has the same label, ignore included (an all-ignore window is 1);
       0   two or more classes, or one class plus ignore pixels;
-      255 one class plus ignore in a window of the outermost row/column of whole windows (excluded:
-          the ignore pixels there are mostly crop padding, not a real boundary), as in CTS.
+      255 with ``exclude_border``: one class plus ignore in a window of the outermost row/column of whole
+          windows (excluded: the ignore pixels there are mostly padding, not a real boundary), as CTS's
+          ADE20K data; its Cityscapes crops keep them as 0 (``exclude_border=False``).
     Per-patch min/max/ignore flags come from one pooling at pixel level; windows pool those by s.
     """
     hp, wp = grid
@@ -228,9 +230,10 @@ def homogeneity_targets(
         all_ignore = mx < 0
         one_class = (mx == mn) & ~all_ignore
         target = (all_ignore | (one_class & (ign == 0))).float()
-        border = torch.zeros_like(all_ignore)
-        border[..., 0, :] = border[..., -1, :] = border[..., :, 0] = border[..., :, -1] = True
-        target = torch.where(one_class & (ign > 0) & border, 255.0, target)
+        if exclude_border:
+            border = torch.zeros_like(all_ignore)
+            border[..., 0, :] = border[..., -1, :] = border[..., :, 0] = border[..., :, -1] = True
+            target = torch.where(one_class & (ign > 0) & border, 255.0, target)
         out[s] = target[:, 0]
     return out
 
