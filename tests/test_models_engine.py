@@ -421,3 +421,38 @@ def test_alternating_options_keep_each_runner_and_its_graphs():
     first = engine.segment_runner(model, device, compiled)
     assert engine.segment_runner(model, device, PACKED) is not first
     assert engine.segment_runner(model, device, compiled) is first  # not a fresh runner: nothing re-captured
+
+
+@dataclass(frozen=True)
+class StaticForced(HaltingRule):
+    """The forced fraction at every exit, its survivors bounded from shapes (a static rule)."""
+
+    fraction: float = 0.5
+    name = "static_forced"
+    static = True
+
+    def can_halt(self, exit_index):
+        return True
+
+    def decide(self, exit_index, scores, valid):
+        from step_lightning.models.halting import forced_halting_mask
+
+        return forced_halting_mask(scores, valid, self.fraction)
+
+    def survivors(self, exit_index, length):
+        return length - round(self.fraction * length)
+
+
+@pytest.mark.parametrize("method", ["dtop", "step"])
+def test_a_static_rule_halts_without_host_reads(method):
+    """Survivors bounded from shapes leave at once: no read after the exits, the same outputs as the padded store
+    and the dense oracle, at inference and in training."""
+    model = build(method)
+    model.halting = StaticForced(0.5)
+    images, labels = torch.randn(3, 3, 128, 128), scene_labels(3, 128)
+    with torch.no_grad(), DispatchCounter() as counter:
+        packed = model.predict(images, labels)
+    assert len(counter.host_reads) == int(method == "step")  # dCTS's token count only
+    assert_same(packed, run(model, images, labels, PADDED))
+    assert_matches_oracle(model, images, labels, packed[1])
+    assert packed[1].extras["halted"].sum() > 0

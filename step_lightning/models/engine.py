@@ -346,12 +346,15 @@ def embed(model, policy, images, labels, pre) -> Tokens:
     if pre is None:
         mark("policy")
         size_map = model.tokenizer.size_map(images, labels, policy)
-        packing = Packing.regular(b, model.tokenizer.static_count(grid), images.device)
+        count = model.tokenizer.static_count(grid)
+        packing = Packing.regular(b, count, images.device)
         if size_map is None:  # plain patches
             mark("embed")
             x = encoder.embed(images)
             return Tokens(x.reshape(-1, x.shape[-1]), packing, None, None)
         is_start, counts, offset = token_starts(size_map)
+        if not model.tokenizer.exact_count:  # at most ``count`` tokens per image: static sizes, real counts
+            packing = Packing.from_counts(counts, b * count, count)
     else:
         size_map, is_start, counts, offset, packing = pre
     mark("layout")
@@ -547,6 +550,10 @@ def run_stage(model, store: TokenStore, index: int, rule: HaltingRule) -> TokenS
     if is_exit:
         mark("exits", ("rule", index))
         store = store.decide(rule, index, head, outs[-1])
+        if rule.static and not store.masked:  # survivors bounded from shapes: they leave now, no read
+            mark("exits", ("select", index))
+            bound = rule.survivors(index, store.packing.max_len)
+            store = store.compact(store.packing.batch * bound, bound)
     return store
 
 
@@ -602,8 +609,9 @@ def forward(model, images: Tensor, labels: Tensor | None, options: InferenceOpti
     with grad:
         pre, longest = _pre_read(model, policy, images, labels, runner, key, masked, bucketed=fast)
         last_stage = len(model.stages) - 1
-        # the packed store reads the survivors of every exit that halts: a segment ends there
-        ends = [] if masked else [i for i in range(model.num_exits) if rule.can_halt(i)]
+        # the packed store reads the survivors of every exit that halts (unless the rule bounds them): a segment
+        # ends there
+        ends = [] if masked or rule.static else [i for i in range(model.num_exits) if rule.can_halt(i)]
         store, sizes, first = None, None, 0
         for last in [*ends, last_stage]:
             result = runner(f"stage {last}", run_segment, model, rule, policy, images, labels, pre, store, sizes,

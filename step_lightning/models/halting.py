@@ -18,9 +18,11 @@ from step_lightning.core import ConfigError
 
 
 class HaltingRule:
-    """Base: never halts anything."""
+    """Base: never halts anything. ``static``: the rule bounds each image's survivors from shapes alone
+    (``survivors``), so halted tokens leave without a host read and a forward with static shapes stays static."""
 
     name = "none"
+    static = False
 
     @classmethod
     def from_spec(cls, spec) -> HaltingRule:
@@ -32,6 +34,10 @@ class HaltingRule:
 
     def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(valid)
+
+    def survivors(self, exit_index: int, length: int) -> int:
+        """Static rules: the most tokens an image of at most ``length`` tokens keeps at this exit."""
+        return length
 
     def settings(self) -> tuple:
         fields = astuple(self) if hasattr(self, "__dataclass_fields__") else ()

@@ -39,6 +39,7 @@ class PatchTokenizer(nn.Module):
 
     name = "patch"
     policy = None
+    exact_count = True  # every image has exactly ``static_count`` tokens (else: at most, padding after them)
 
     def static_count(self, grid: tuple[int, int]) -> int | None:
         return grid[0] * grid[1]
@@ -60,6 +61,7 @@ class SupertokenTokenizer(nn.Module, abc.ABC):
     benchmarks; it needs labels aligned with the images). Subclasses choose the windows."""
 
     name = "supertokens"
+    exact_count = True
 
     def __init__(self, policy: PolicyNet | None = None, ignore_index: int = 255):
         super().__init__()
