@@ -30,7 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
@@ -147,6 +147,7 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     return report
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig

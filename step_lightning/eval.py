@@ -23,7 +23,8 @@ import lightning as L
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
+from step_lightning.config.checks import check_eval_protocol, check_values
 from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
@@ -141,8 +142,8 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         cfg = eval_cfg
     else:
         cfg = merge_run_config(run_cfg, eval_cfg, overrides)
-    if cfg.eval.mode not in ("whole", "slide"):
-        raise ConfigError(f"eval.mode={cfg.eval.mode} must be 'whole' or 'slide'.")
+    check_values(cfg)
+    check_eval_protocol(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -184,6 +185,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     return write_summary(result, output_dir / "eval.json", line, label="eval")
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig

@@ -26,7 +26,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.lit.checkpoint import load_module
@@ -149,6 +149,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="profile")
 def main(cfg: DictConfig) -> None:
     run_command(profile, cfg)

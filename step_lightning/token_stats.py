@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core.files import write_json
@@ -68,6 +68,7 @@ def token_stats(cfg: DictConfig) -> dict:
     return result
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="tokens")
 def main(cfg: DictConfig) -> None:
     run_command(token_stats, cfg)

@@ -1,0 +1,152 @@
+"""One live run per run folder: ``<run>/run.lock`` names its owner (pid, host, command) and the owner holds an
+exclusive ``flock`` on it while it runs.
+
+The kernel drops an ``flock`` when its process dies, however it dies, so a lock file left by a killed run is
+taken over without guessing from its pid (which the system may have given to another process since). Where
+the filesystem has no ``flock`` (some network filesystems), the pid decides: a lock of this host whose pid is
+gone is stale; one of another host is held, since its pid cannot be checked from here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from step_lightning.core.errors import ConfigError
+
+LOCK_NAME = "run.lock"
+# flock is unsupported on this filesystem: these errnos, not a lock held by another process.
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+RETRIES = 20  # a lock file replaced while being opened, or its owner still writing its record
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def alive_here(owner: dict) -> bool | None:
+    """Whether the owner's process runs; None when it ran on another host (its pid means nothing here)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    return process_alive(int(owner.get("pid", 0)))
+
+
+def owner_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def held_message(folder: Path, owner: dict) -> str:
+    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+    command = f" ({owner['command']})" if owner.get("command") else ""
+    return (
+        f"{folder} is in use by a live run, {who}{command}; wait for it to end or give this run another folder "
+        f"(hydra.run.dir=...). If that run is gone, delete {folder / LOCK_NAME}."
+    )
+
+
+class RunFolderLock:
+    """Taken with ``acquire`` (raises ConfigError naming the live owner), given back with ``release``."""
+
+    def __init__(self, folder: str | Path, command: str = ""):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.command = command
+        self.fd: int | None = None
+        self.took_over: dict | None = None  # the record of the dead run whose lock this one took over
+
+    def record(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def acquire(self) -> RunFolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for attempt in range(RETRIES):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                locked = self._lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                os.close(fd)
+                owner = owner_record(self.path)
+                # An owner still writing its record, or a check of a dead run's lock holding it for a moment.
+                if attempt < RETRIES - 1 and (not owner or alive_here(owner) is False):
+                    time.sleep(0.05)
+                    continue
+                raise ConfigError(held_message(self.folder, owner))
+            if not self._same_file(fd):  # released (unlinked) between our open and our lock: lock the new one
+                os.close(fd)
+                continue
+            previous = owner_record(self.path)
+            if previous and (previous.get("pid"), previous.get("host")) != (os.getpid(), socket.gethostname()):
+                self.took_over = previous
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.record()).encode())
+            os.fsync(fd)
+            self.fd = fd
+            return self
+        raise ConfigError(f"could not lock {self.path}: it keeps changing; is another run starting there?")
+
+    def _lock(self, fd: int) -> bool:
+        """True when this process now holds the lock."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            if err.errno not in NO_FLOCK:
+                raise
+        owner = owner_record(self.path)  # no flock here: the pid and host decide
+        return not owner or owner.get("pid") == os.getpid() or alive_here(owner) is False
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self._same_file(self.fd):
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self) -> RunFolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_folder_free(folder: str | Path) -> None:
+    """Raise ConfigError when a live run holds ``folder``; takes nothing (a check before Hydra writes there)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file():
+        return
+    probe = RunFolderLock(folder)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        held = not probe._lock(fd)
+    finally:
+        os.close(fd)  # drops the probe's flock, if it got one
+    if held:
+        owner = owner_record(path)
+        raise ConfigError(held_message(Path(folder), owner))
