@@ -39,6 +39,7 @@ from step_lightning.measure.gflops import gflops_per_image
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
 from step_lightning.measure.presets import ENGINES, apply_engine, build_models, engine_forward, method_configs
+from step_lightning.measure.progress import Progress
 from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
 from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, time_passes
@@ -73,33 +74,45 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     for model in models.values():
         apply_engine(model, cfg)
     results: dict[str, dict] = {}
-    for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
-        per_image = gflops_per_image(model, images, labels)
-        metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
-        results[name] = {
-            "gflops": statistics.fmean(per_image),
-            "gflops_per_image": per_image,
-            **token_statistics(model, images, labels, metrics),
-        }
-    with torch.inference_mode():
-        x, y = images.to(device, dtype), labels.to(device)
-        batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-        with sdpa_context(cfg.sdpa):
-            for name, model in models.items():
-                model.to(device, dtype)
-                results[name]["peak_mem_mb"] = forward_memory_mb(model, *batches[0])
-                if cfg.get("components", True):
-                    times = component_times(model, *batches[0], device, cfg.repeats)
-                    ops, reads = component_ops(model, *batches[0])
-                    padded_ops, _ = component_ops(model, *batches[0], engine="padded")
-                    results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
-                                      "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
-                                      "host_reads": reads}
-            forwards = {(name, engine): engine_forward(model, engine) for name, model in models.items()
-                        for engine in engines}
-            seconds = time_passes(forwards, batches, cfg, device)
-            for model in models.values():
-                apply_engine(model, cfg)
+    batch_count = -(-len(images) // cfg.batch_size)
+    components = cfg.get("components", True)
+    # Forward passes: GFLOPs and token statistics per crop, memory, components, then the timed passes.
+    total = len(models) * (2 * len(images) + 1 + (cfg.repeats + 3 if components else 0))
+    total += len(models) * len(engines) * (cfg.warmup + cfg.repeats) * batch_count
+    with Progress("benchmark", total) as progress:
+        for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
+            per_image = []
+            for i in range(len(images)):
+                per_image += gflops_per_image(model, images[i : i + 1], labels[i : i + 1])
+                progress.step(f"GFLOPs {name} (crop {i + 1}/{len(images)})")
+            metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
+            results[name] = {
+                "gflops": statistics.fmean(per_image),
+                "gflops_per_image": per_image,
+                **token_statistics(model, images, labels, metrics),
+            }
+            progress.step(f"tokens {name}", len(images))
+        with torch.inference_mode():
+            x, y = images.to(device, dtype), labels.to(device)
+            batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+            with sdpa_context(cfg.sdpa):
+                for name, model in models.items():
+                    model.to(device, dtype)
+                    results[name]["peak_mem_mb"] = forward_memory_mb(model, *batches[0])
+                    progress.step(f"memory {name}")
+                    if components:
+                        times = component_times(model, *batches[0], device, cfg.repeats)
+                        ops, reads = component_ops(model, *batches[0])
+                        padded_ops, _ = component_ops(model, *batches[0], engine="padded")
+                        results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
+                                          "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
+                                          "host_reads": reads}
+                        progress.step(f"components {name}", cfg.repeats + 3)
+                forwards = {(name, engine): engine_forward(model, engine) for name, model in models.items()
+                            for engine in engines}
+                seconds = time_passes(forwards, batches, cfg, device, done=progress.step)
+                for model in models.values():
+                    apply_engine(model, cfg)
     for (name, engine), passes in seconds.items():
         results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(len(x) / s for s in passes)
         results[name].setdefault("pass_seconds", {})[engine] = passes

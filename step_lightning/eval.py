@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import checked_command_line, run_command
@@ -38,6 +40,18 @@ EVAL_ONLY_KEYS = ("ckpt_path", "run_config")
 METHOD_KEYS = ("method", "tokenizer", "tau", "prune_heads")
 # What an evaluation may change in a trained model: its tokenizer (the encoder and heads stay the trained ones).
 TOKENIZER_KEYS = ("method", "tokenizer", "tau", "cts_k", "policy")
+
+
+class EvalProgressBar(TQDMProgressBar):
+    """Lightning's bar (batches done, time left) named after what is evaluated: method, split, protocol."""
+
+    def __init__(self, description: str):
+        super().__init__(refresh_rate=1 if sys.stderr.isatty() else 50)  # a log file gets every 50th batch
+        self.description = description
+
+    @property
+    def validation_description(self) -> str:
+        return self.description
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
@@ -164,6 +178,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         devices=1,
         precision=cfg.trainer.get("precision", "32-true"),
         logger=False,
+        callbacks=[EvalProgressBar(f"eval {cfg.get('method')} {split} ({cfg.eval.mode})")],
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=str(output_dir),

@@ -33,6 +33,7 @@ from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.layers import Timer, components, gflops_by_component
 from step_lightning.measure.presets import build_models
+from step_lightning.measure.progress import Progress
 from step_lightning.measure.timing import resolve_device
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,19 @@ def profile(cfg: DictConfig) -> dict:
         model.force_halt = cfg.get("force_halt")
     else:
         model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
-    flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
+    crops = len(images)
+    progress = Progress(f"profile_layers {cfg.method}", crops * (1 + cfg.warmup + cfg.repeats))
+    flops = []
+    for i in range(crops):
+        flops.append(gflops_by_component(model, images[i : i + 1], labels[i : i + 1]))
+        progress.step(f"GFLOPs per part (crop {i + 1}/{crops})")
     model.engine = "padded"
     model.to(device)
     timer = Timer(device)
     handles = timer.attach(model)
     per_crop, totals = [], []
-    with torch.inference_mode():
-        for image, label in zip(images.to(device), labels.to(device), strict=True):
+    with progress, torch.inference_mode():
+        for i, (image, label) in enumerate(zip(images.to(device), labels.to(device), strict=True)):
             runs = []
             for run in range(cfg.warmup + cfg.repeats):
                 timer.seconds.clear()
@@ -68,6 +74,7 @@ def profile(cfg: DictConfig) -> dict:
                     parts = dict(timer.seconds)
                     parts["other"] = parts["forward"] - sum(v for k, v in parts.items() if k != "forward")
                     runs.append(parts)
+                progress.step(f"{'warm-up' if run < cfg.warmup else 'timing'} per part (crop {i + 1}/{crops})")
             # Means, not medians: the parts of every run add up to its forward, so their means add up exactly.
             per_crop.append({k: statistics.fmean(r[k] for r in runs) * 1e3 for k in runs[0]})
     for handle in handles:

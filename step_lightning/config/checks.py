@@ -72,6 +72,8 @@ RANGES: dict[str, Bound] = {
     "init_from_min_fraction": Bound(0, 1),
     "backbone.depth": dataclasses.replace(COUNT, nullable=True),
     "backbone.drop_path_rate": FRACTION,
+    **{f"backbone.mean.{c}": Bound(0, 255) for c in range(3)},  # the images' normalisation, 0..255 scale
+    **{f"backbone.std.{c}": POSITIVE for c in range(3)},
     "model.keep_top_k": COUNT,
     "model.head_layers": COUNT,
     "model.exit_head_layers": COUNT,
@@ -99,14 +101,25 @@ RANGES: dict[str, Bound] = {
     "data.num_train": COUNT,
     "data.num_val": COUNT,
     "data.max_objects": COUNT,
+    **{f"data.scale_range.{i}": POSITIVE for i in range(2)},  # random resize factors
+    **{f"data.base_scale.{i}": COUNT for i in range(2)},  # px
+    **{f"data.eval_scale.{i}": dataclasses.replace(COUNT, nullable=True) for i in range(2)},
+    "data.cat_max_ratio": Bound(0, 1, low_open=True),
+    "data.ignore_index": Bound(0, integer=True),  # a label value of the files
     "trainer.max_steps": COUNT,
     "trainer.val_check_interval": COUNT,  # steps: the schedules and last.ckpt count steps, not epochs
     "trainer.num_nodes": COUNT,
     "trainer.accumulate_grad_batches": COUNT,
     "trainer.gradient_clip_val": dataclasses.replace(WEIGHT, nullable=True),
     "trainer.log_every_n_steps": COUNT,
+    "trainer.num_sanity_val_steps": Bound(-1, integer=True),  # -1: all
     "callbacks.last_checkpoint.every_n_train_steps": dataclasses.replace(COUNT, nullable=True),
+    "callbacks.model_checkpoint.save_top_k": Bound(-1, integer=True),  # -1: all
+    "callbacks.visualization.num_images": COUNT,
+    "callbacks.progress_bar.refresh_rate": STEPS,  # 0: no bar
+    "callbacks.visualization.every_n_validations": COUNT,
     # measurement commands
+    "num_classes": COUNT,
     "num_images": dataclasses.replace(COUNT, nullable=True),
     "batch_size": COUNT,
     "warmup": STEPS,
