@@ -401,8 +401,8 @@ def test_init_from_another_backbone_stops_before_the_first_step(tmp_path, monkey
     with pytest.raises(ConfigError) as info:
         train_mod.train(compose_config([*TINY_RUN, f"init_from={other}"], output_dir=tmp_path / "run"))
     message = str(info.value)
-    assert message.startswith(f"init_from={other} fills 1/170 of this model's tensors, fewer than "
-                              "init_from_min_fraction=0.5 (e.g. encoder.pos_embed: file (1, 16, 384), model (1, 16, 192))")
+    assert message.startswith(f"init_from={other} fills 1/170 of this model's tensors, fewer than init_from_min_"
+                              "fraction=0.5 (e.g. encoder.pos_embed: file (1, 16, 384), model (1, 16, 192))")
     assert "init_from_min_fraction=0 to start from its matching tensors on purpose" in message
 
 

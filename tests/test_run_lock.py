@@ -104,6 +104,7 @@ def test_cli_second_run_is_one_line_and_hydra_writes_nothing_there(tmp_path, hol
     folder = tmp_path / "run"
     result = run_module("step_lightning.train", TINY_RUN, folder)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {folder} is in use by a live run, pid {holder.pid}")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {folder} is in use by a live run, pid {holder.pid}")
     assert "Traceback" not in result.stderr + result.stdout
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]  # no .hydra/, no train.log of the second run
