@@ -273,6 +273,6 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     from step_lightning.data.labels import class_index_labels
 
     labels = class_index_labels(2, reduce_zero_label=False, ignore_value=255, fix="")
-    sample = Sample(image=str(tmp_path / "photo.jpg"), label=str(tmp_path / "photo.png"), name="photo", label_map=labels)
+    sample = Sample(str(tmp_path / "photo.jpg"), str(tmp_path / "photo.png"), "photo", labels)
     image, read_label = load_sample(sample)
     assert image.shape[:2] == read_label.shape == (32, 16)
