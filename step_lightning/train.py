@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import checked_command_line, run_command
-from step_lightning.config.checks import check_config, check_init_from, check_sources, check_training_weights
+from step_lightning.config.checks import check_config, check_datamodule, check_sources, check_training_weights
 from step_lightning.config.model import tokenizer_kind
 from step_lightning.core.files import read_json
 from step_lightning.lit.callbacks.durability import LAST, checkpoint_dir
@@ -68,7 +68,7 @@ def train_job(cfg: DictConfig) -> dict:
     save_run_config(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    check_init_from(cfg, datamodule.num_classes, datamodule.ignore_index)
+    check_datamodule(cfg, datamodule)
     if resume is not None and resume.checkpoint is not None:
         log.info(f"resuming from {resume.checkpoint}" + ("" if cfg.get("ckpt_path") else " (auto_resume)"))
     elif resume is not None:

@@ -441,3 +441,12 @@ def test_disk_full_inside_torch_save_is_recognised():
         torch.save({"w": torch.zeros(1000)}, Full())
     assert disk_full(info.value).errno == errno.ENOSPC
     assert disk_full(RuntimeError("shape mismatch")) is None
+
+
+def test_missing_data_root_stops_before_the_policy_phase(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "train_policy", pytest.fail)
+    monkeypatch.setattr(train_mod.SegmentationModule, "from_config", pytest.fail)
+    cfg = compose_config(["debug=tiny", "method=step", "policy=train", "data=ade20k", f"data.root={tmp_path}/nope",
+                          "backbone.pretrained=none"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"data.root={tmp_path}/nope does not exist"):
+        train_mod.train(cfg)

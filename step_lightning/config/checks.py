@@ -14,6 +14,8 @@ from step_lightning.config.extras import check_logger_extras
 from step_lightning.config.model import model_spec, policy_architecture, tokenizer_kind
 from step_lightning.config.resolvers import default_eval_stride
 from step_lightning.core import PATCH_SIZE, ConfigError
+from step_lightning.data.folders import check_root
+from step_lightning.data.module import FolderSegDataModule
 from step_lightning.models.backbones import backbone_spec
 from step_lightning.models.checkpoint import matching_tensors, read_checkpoint
 from step_lightning.models.factory import build_model, check_prune_heads
@@ -262,9 +264,17 @@ def check_sources(cfg: DictConfig, trains_policy: bool) -> None:
         read_checkpoint(cfg.init_from, "init_from", mmap=True)
 
 
+def check_datamodule(cfg: DictConfig, datamodule) -> None:
+    """Before a training's first step, once its datamodule is built: a dataset folder holds its dataset's
+    layout (its splits are listed when a phase starts), and ``init_from`` fits the model."""
+    if isinstance(datamodule, FolderSegDataModule):
+        check_root(datamodule.root, datamodule.layout)
+    check_init_from(cfg, datamodule.num_classes, datamodule.ignore_index)
+
+
 def check_init_from(cfg: DictConfig, num_classes: int, ignore_index: int) -> None:
     """``init_from`` fills at least ``init_from_min_fraction`` of the model's tensors, checked on the model
-    built on the meta device (names and shapes, no memory, no weights read) before the first step."""
+    built on the meta device (names and shapes, no memory, no weights read)."""
     if not cfg.get("init_from") or cfg.get("task") == "policy":
         return
     spec = dataclasses.replace(model_spec(cfg, num_classes, ignore_index), pretrained=None, pretrained_file=None)
