@@ -53,6 +53,20 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, holder):
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # released: the folder is free again
 
 
+def test_a_killed_runs_forked_worker_holding_the_lock_for_a_moment_is_waited_for(tmp_path):
+    """Data-loader workers are forked, so they share the lock; they leave within seconds of their parent."""
+    worker = "import os, sys, time; from step_lightning.core.lock import RunFolderLock; " \
+             "RunFolderLock(sys.argv[1], 'holder').acquire(); " \
+             "os.fork() == 0 and (time.sleep(2), os._exit(0)); print('held', flush=True); time.sleep(300)"
+    owner = subprocess.Popen([sys.executable, "-c", worker, str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    assert owner.stdout.readline().strip() == "held"
+    owner.kill()
+    owner.wait()
+    with RunFolderLock(tmp_path / "run") as lock:
+        assert lock.took_over["pid"] == owner.pid
+
+
 def test_a_second_run_stops_before_any_work_and_the_first_one_is_untouched(tmp_path, caplog, holder):
     cfg = compose_config(TINY_RUN, output_dir=tmp_path / "run")
     ran = []

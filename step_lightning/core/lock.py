@@ -22,7 +22,9 @@ from step_lightning.core.errors import ConfigError
 LOCK_NAME = "run.lock"
 # flock is unsupported on this filesystem: these errnos, not a lock held by another process.
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-RETRIES = 20  # a lock file replaced while being opened, or its owner still writing its record
+# A dead owner's flock can outlive it for a few seconds: its data-loader workers (forked, so sharing the lock)
+# notice the parent is gone within torch's 5 s status check.
+STALE_WAIT_S = 12.0
 
 
 def process_alive(pid: int) -> bool:
@@ -51,11 +53,27 @@ def owner_record(path: Path) -> dict:
 
 def held_message(folder: Path, owner: dict) -> str:
     who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+    if alive_here(owner) is False:
+        who = f"a process left by {who}, which has ended (a data-loader worker?)"
     command = f" ({owner['command']})" if owner.get("command") else ""
     return (
         f"{folder} is in use by a live run, {who}{command}; wait for it to end or give this run another folder "
         f"(hydra.run.dir=...). If that run is gone, delete {folder / LOCK_NAME}."
     )
+
+
+def try_lock(fd: int, path: Path) -> bool:
+    """Lock the open lock file ``fd`` (of ``path``) for this process; False when another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno not in NO_FLOCK:
+            raise
+    owner = owner_record(path)  # no flock here: the pid and host decide
+    return not owner or owner.get("pid") == os.getpid() or alive_here(owner) is False
 
 
 class RunFolderLock:
@@ -74,19 +92,20 @@ class RunFolderLock:
 
     def acquire(self) -> RunFolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for attempt in range(RETRIES):
+        deadline = time.monotonic() + STALE_WAIT_S
+        while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                locked = self._lock(fd)
+                locked = try_lock(fd, self.path)
             except BaseException:
                 os.close(fd)
                 raise
             if not locked:
                 os.close(fd)
                 owner = owner_record(self.path)
-                # An owner still writing its record, or a check of a dead run's lock holding it for a moment.
-                if attempt < RETRIES - 1 and (not owner or alive_here(owner) is False):
-                    time.sleep(0.05)
+                # Its owner is still writing its record, or has died and leaves the lock in a moment.
+                if time.monotonic() < deadline and (not owner or alive_here(owner) is False):
+                    time.sleep(0.1)
                     continue
                 raise ConfigError(held_message(self.folder, owner))
             if not self._same_file(fd):  # released (unlinked) between our open and our lock: lock the new one
@@ -100,20 +119,6 @@ class RunFolderLock:
             os.fsync(fd)
             self.fd = fd
             return self
-        raise ConfigError(f"could not lock {self.path}: it keeps changing; is another run starting there?")
-
-    def _lock(self, fd: int) -> bool:
-        """True when this process now holds the lock."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as err:
-            if err.errno not in NO_FLOCK:
-                raise
-        owner = owner_record(self.path)  # no flock here: the pid and host decide
-        return not owner or owner.get("pid") == os.getpid() or alive_here(owner) is False
 
     def _same_file(self, fd: int) -> bool:
         try:
@@ -141,10 +146,9 @@ def check_folder_free(folder: str | Path) -> None:
     path = Path(folder) / LOCK_NAME
     if not path.is_file():
         return
-    probe = RunFolderLock(folder)
     fd = os.open(path, os.O_RDONLY)
     try:
-        held = not probe._lock(fd)
+        held = not try_lock(fd, path)
     finally:
         os.close(fd)  # drops the probe's flock, if it got one
     if held:
