@@ -450,3 +450,16 @@ def test_missing_data_root_stops_before_the_policy_phase(tmp_path, monkeypatch):
                           "backbone.pretrained=none"], output_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=f"data.root={tmp_path}/nope does not exist"):
         train_mod.train(cfg)
+
+
+def test_a_library_refusing_a_setting_of_its_group_is_one_line(tmp_path):
+    """Beyond the settings' table: what a config group's target (here Lightning's Trainer) refuses, through
+    Hydra's instantiation, is one line naming the group."""
+    import hydra
+
+    cfg = compose_config([*TINY_RUN, "trainer.gradient_clip_algorithm=foo"], output_dir=tmp_path)
+    with pytest.raises(Exception) as info:
+        hydra.utils.instantiate(cfg.trainer)
+    line = one_line_error(info.value, cfg)
+    assert line == ("trainer: `gradient_clip_algorithm` foo is invalid. Allowed algorithms: ['value', 'norm']. "
+                    "(fix the trainer.* setting).")

@@ -136,6 +136,7 @@ CHOICES: dict[str, tuple] = {
     "optim.schedule": ("poly", "cosine"),
     "optim.param_groups": ("timm", "segvit"),
     "policy_train.schedule": ("cosine", "constant"),
+    "trainer.gradient_clip_algorithm": ("norm", "value"),
     "engine": ("packed", "padded"),
     "precision": ("fp32", "bf16", "fp16"),  # the measurement commands' dtype
     # Lightning's precision values
