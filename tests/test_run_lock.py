@@ -93,6 +93,30 @@ def test_commands_release_the_folder_and_sequential_runs_reuse_it(tmp_path):
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize("restarts", [1, 0], ids=["requeued", "another-run-of-the-job"])
+def test_a_requeued_slurm_job_takes_over_from_its_earlier_incarnation(tmp_path, monkeypatch, restarts):
+    """After preemption SLURM ends the job, then starts it again (maybe on another node, whose lock a network
+    filesystem may still hold): a higher SLURM_RESTART_COUNT takes over; the same count is another run."""
+    folder = tmp_path / "run"
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+        if restarts:
+            with RunFolderLock(folder) as lock:
+                assert lock.took_over["pid"] == holder.pid
+                assert json.loads((folder / LOCK_NAME).read_text())["slurm_restarts"] == 1
+        else:
+            with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
+                RunFolderLock(folder).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_without_flock_the_pid_and_host_decide(tmp_path, monkeypatch):
     def no_flock(*_):
         raise OSError(errno.ENOLCK, "No locks available")

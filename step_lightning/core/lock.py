@@ -4,7 +4,9 @@ exclusive ``flock`` on it while it runs.
 The kernel drops an ``flock`` when its process dies, however it dies, so a lock file left by a killed run is
 taken over without guessing from its pid (which the system may have given to another process since). Where
 the filesystem has no ``flock`` (some network filesystems), the pid decides: a lock of this host whose pid is
-gone is stale; one of another host is held, since its pid cannot be checked from here.
+gone is stale; one of another host is held, since its pid cannot be checked from here. A SLURM job requeued
+after preemption (same job id, maybe another node) takes over the lock of its previous incarnation, which
+SLURM has ended, even before a network filesystem notices that node's lock is gone.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def alive_here(owner: dict) -> bool | None:
     return process_alive(int(owner.get("pid", 0)))
 
 
+def slurm_incarnation() -> tuple[str | None, int]:
+    """(SLURM job id, times it was requeued) of this process; (None, 0) outside SLURM."""
+    return os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def earlier_incarnation(owner: dict) -> bool:
+    """The owner is this SLURM job before it was requeued: SLURM ended it before starting this one."""
+    job, restarts = slurm_incarnation()
+    return job is not None and owner.get("slurm_job") == job and int(owner.get("slurm_restarts") or 0) < restarts
+
+
 def owner_record(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")
@@ -73,7 +86,7 @@ def try_lock(fd: int, path: Path) -> bool:
         if err.errno not in NO_FLOCK:
             raise
     owner = owner_record(path)  # no flock here: the pid and host decide
-    return not owner or owner.get("pid") == os.getpid() or alive_here(owner) is False
+    return not owner or owner.get("pid") == os.getpid() or alive_here(owner) is False or earlier_incarnation(owner)
 
 
 class RunFolderLock:
@@ -87,8 +100,9 @@ class RunFolderLock:
         self.took_over: dict | None = None  # the record of the dead run whose lock this one took over
 
     def record(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        job, restarts = slurm_incarnation()
+        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": job, "slurm_restarts": restarts,
+                "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def acquire(self) -> RunFolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -101,8 +115,13 @@ class RunFolderLock:
                 os.close(fd)
                 raise
             if not locked:
-                os.close(fd)
                 owner = owner_record(self.path)
+                if earlier_incarnation(owner) and self._same_file(fd):  # its lock is on a node SLURM took away
+                    self.path.unlink(missing_ok=True)
+                    os.close(fd)
+                    self.took_over = owner
+                    continue
+                os.close(fd)
                 # Its owner is still writing its record, or has died and leaves the lock in a moment.
                 if time.monotonic() < deadline and (not owner or alive_here(owner) is False):
                     time.sleep(0.1)
