@@ -30,7 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
@@ -39,6 +39,7 @@ from step_lightning.measure.gflops import ForwardCost, training_gflops
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
 from step_lightning.measure.presets import ENGINES, build_models, engine_forward, method_configs, training_step
+from step_lightning.measure.progress import Progress
 from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
 from step_lightning.measure.timing import DTYPES, profile_pass, resolve_device, sdpa_context, time_passes
@@ -77,29 +78,37 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     if cfg.get("mode", "inference") not in ("inference", "train"):
         raise ConfigError(f"mode={cfg.mode} must be 'inference' or 'train'.")
     results: dict[str, dict] = {}
+    batch_count = -(-len(images) // cfg.batch_size)
+    components = cfg.get("components", True) and not training
+    # Forward passes: token statistics and a GFLOPs trace per method, memory, components, then the timed passes.
+    timed = 1 if training else len(engines)
+    total = len(models) * (len(images) + 1 + 1 + (cfg.repeats + 3 if components else 0))
+    total += len(models) * timed * (cfg.warmup + cfg.repeats) * batch_count
     x, y = images.to(device), labels.to(device)
-    for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
-        log.info(f"benchmark: counting GFLOPs and tokens of {name} ({len(images)} crops)")
-        model.to(device)
-        metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
-        stats = token_statistics(model, x, y, metrics, options[name])
-        # exact per crop from its token counts (tests/test_measure_gflops_supertokens.py), one full trace
-        cost = ForwardCost(model, x[:1], y[:1], options[name])
-        per_image = [cost(t, a) for t, a in zip(stats.pop("tokens_per_image"), stats.pop("active_after_per_image"),
-                                                strict=True)]
-        results[name] = {
-            "gflops": statistics.fmean(per_image),
-            "gflops_per_image": per_image,
-            "training_gflops": statistics.fmean(training_gflops(g, cost.policy) for g in per_image),
-            **stats,
-        }
-        model.cpu()
-    x = x.to(dtype)
-    batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-    if training:
-        seconds = time_training(cfg, models, options, results, batches, device, dtype, datamodule)
-    else:
-        seconds = time_inference(cfg, models, options, results, batches, device, dtype, engines)
+    with Progress("benchmark", total) as progress:
+        for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
+            model.to(device)
+            metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
+            stats = token_statistics(model, x, y, metrics, options[name])
+            progress.step(f"tokens {name}", len(images))
+            # exact per crop from its token counts (tests/test_measure_gflops_supertokens.py), one full trace
+            cost = ForwardCost(model, x[:1], y[:1], options[name])
+            progress.step(f"GFLOPs {name}")
+            per_image = [cost(t, a) for t, a in zip(stats.pop("tokens_per_image"),
+                                                    stats.pop("active_after_per_image"), strict=True)]
+            results[name] = {
+                "gflops": statistics.fmean(per_image),
+                "gflops_per_image": per_image,
+                "training_gflops": statistics.fmean(training_gflops(g, cost.policy) for g in per_image),
+                **stats,
+            }
+            model.cpu()
+        x = x.to(dtype)
+        batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+        if training:
+            seconds = time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress)
+        else:
+            seconds = time_inference(cfg, models, options, results, batches, device, dtype, engines, progress)
     for (name, engine), passes in seconds.items():
         rates = [len(x) / s for s in passes]
         results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(rates)
@@ -154,15 +163,15 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     return report
 
 
-def time_inference(cfg, models, options, results, batches, device, dtype, engines) -> dict:
+def time_inference(cfg, models, options, results, batches, device, dtype, engines, progress: Progress) -> dict:
     """Peak memory, per-component times and dispatched ops of each method's forward, and the seconds of every
     timed pass per (method, engine), methods and engines alternating round by round."""
     with torch.inference_mode(), sdpa_context(cfg.sdpa):
         for name, model in models.items():
             model.to(device, dtype)
-            log.info(f"benchmark: memory and components of {name}")
             forward = engine_forward(model, options[name], "packed")
             results[name]["peak_mem_mb"] = forward_memory_mb(forward, *batches[0])
+            progress.step(f"memory {name}")
             if cfg.get("components", True):
                 times = component_times(model, *batches[0], device, cfg.repeats, options[name])
                 ops, reads = component_ops(model, *batches[0], options[name])
@@ -170,16 +179,17 @@ def time_inference(cfg, models, options, results, batches, device, dtype, engine
                 results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
                                   "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
                                   "host_reads": reads}
+                progress.step(f"components {name}", cfg.repeats + 3)
         forwards = {(name, engine): engine_forward(model, options[name], engine) for name, model in models.items()
                     for engine in engines}
-        seconds = time_passes(forwards, batches, cfg, device)
+        seconds = time_passes(forwards, batches, cfg, device, done=progress.step)
         if cfg.get("profile") and device.type == "cuda":
             for (name, engine), forward in forwards.items():
                 results[name].setdefault("profile", {})[engine] = profile_pass(forward, batches, device)
         return seconds
 
 
-def time_training(cfg, models, options, results, batches, device, dtype, datamodule) -> dict:
+def time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress: Progress) -> dict:
     """Peak memory and the seconds of every timed pass of training steps (forward, ATM loss, backward; weights
     in fp32 under autocast for bf16/fp16) per method, methods alternating round by round. ``force_halt`` applies
     in training too: the benchmark's models take its rule."""
@@ -194,16 +204,17 @@ def time_training(cfg, models, options, results, batches, device, dtype, datamod
             model.halting = options[name].rule(model)
             model.to(device).train()
             steps[(name, "train")] = training_step(model, criterion, autocast)
-            log.info(f"benchmark: memory of a training step of {name}")
             results[name]["peak_mem_mb"] = forward_memory_mb(steps[(name, "train")], *batches[0])
+            progress.step(f"memory {name}")
         batches = [(images.float(), labels) for images, labels in batches]
-        seconds = time_passes(steps, batches, cfg, device)
+        seconds = time_passes(steps, batches, cfg, device, done=progress.step)
         if cfg.get("profile") and device.type == "cuda":
             for (name, _), step in steps.items():
                 results[name]["profile"] = {"train": profile_pass(step, batches, device)}
         return seconds
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig

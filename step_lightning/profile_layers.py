@@ -26,13 +26,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.layers import LayerTimer, components, gflops_by_component
 from step_lightning.measure.presets import build_models
+from step_lightning.measure.progress import Progress
 from step_lightning.measure.timing import resolve_device
 from step_lightning.models.engine import InferenceOptions
 
@@ -51,14 +52,18 @@ def profile(cfg: DictConfig) -> dict:
     else:
         model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
     options = InferenceOptions.from_config(cfg)
-    flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1], options) for i in range(len(images))]
+    crops = len(images)
+    progress = Progress(f"profile_layers {cfg.method}", crops * (1 + cfg.warmup + cfg.repeats))
+    flops = []
+    for i in range(crops):
+        flops.append(gflops_by_component(model, images[i : i + 1], labels[i : i + 1], options))
+        progress.step(f"GFLOPs per part (crop {i + 1}/{crops})")
     model.to(device)
     timer = LayerTimer(device, model)
     handles = timer.attach()
     per_crop, totals = [], []
-    with torch.inference_mode():
-        for index, (image, label) in enumerate(zip(images.to(device), labels.to(device), strict=True)):
-            log.info(f"profile: crop {index + 1}/{len(images)} of {cfg.method}, {cfg.warmup + cfg.repeats} forwards")
+    with progress, torch.inference_mode():
+        for i, (image, label) in enumerate(zip(images.to(device), labels.to(device), strict=True)):
             runs = []
             for run in range(cfg.warmup + cfg.repeats):
                 timer.seconds.clear()
@@ -68,6 +73,7 @@ def profile(cfg: DictConfig) -> dict:
                     parts = dict(timer.seconds)
                     parts["forward"] = sum(parts.values())
                     runs.append(parts)
+                progress.step(f"{'warm-up' if run < cfg.warmup else 'timing'} per part (crop {i + 1}/{crops})")
             # Means, not medians: the parts of every run add up to its forward, so their means add up exactly.
             keys = {k for r in runs for k in r}
             per_crop.append({k: statistics.fmean(r.get(k, 0.0) for r in runs) * 1e3 for k in keys})
@@ -151,6 +157,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="profile")
 def main(cfg: DictConfig) -> None:
     run_command(profile, cfg)

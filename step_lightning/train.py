@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import launcher_checked, run_command
-from step_lightning.config.checks import check_config, check_training_weights
+from step_lightning.cli import checked_command_line, run_command
+from step_lightning.config.checks import check_config, check_datamodule, check_sources, check_training_weights
 from step_lightning.config.model import tokenizer_kind
 from step_lightning.core import ConfigError
 from step_lightning.core.files import read_json
@@ -76,6 +76,7 @@ def train_job(cfg: DictConfig) -> dict:
     start = time.time()
     check_config(cfg)
     check_training_weights(cfg)
+    check_sources(cfg, trains_policy(cfg))
     output_dir = Path(cfg.paths.output_dir)
     resume = plan_resume(cfg, output_dir, trains_policy(cfg))
     save_run_config(cfg, output_dir)
@@ -83,6 +84,7 @@ def train_job(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data)
     policy_to_train = trains_policy(cfg) and (resume is None or resume.phase == "policy")
     check_phases_can_step(cfg, datamodule, policy_to_train)
+    check_datamodule(cfg, datamodule)
     if resume is not None and resume.checkpoint is not None:
         log.info(f"resuming from {resume.checkpoint}" + ("" if cfg.get("ckpt_path") else " (auto_resume)"))
     elif resume is not None:
@@ -234,7 +236,7 @@ def train_command(cfg: DictConfig) -> float:
         raise SystemExit(143) from None
 
 
-@launcher_checked
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     use_hydra_ddp_command()

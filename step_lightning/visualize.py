@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
@@ -62,6 +62,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
     return paths
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="visualize")
 def main(cfg: DictConfig) -> None:
     run_command(visualize, cfg)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from step_lightning.api.images import as_rgb, same_size_batches
+from step_lightning.config.checks import check_slide
 from step_lightning.core import ConfigError
 from step_lightning.core.resize import resize_labels
 from step_lightning.data.transforms import protocol_scale, rescale_size
@@ -194,6 +195,8 @@ class Predictor:
             raise ConfigError("return_tokens/return_halting need mode='whole': each sliding window has its own tokens.")
         if return_halting and not self.model.exit_layers:
             raise ConfigError("return_halting needs a model with exit heads (dtop, cts_dtop, step, step_single).")
+        if mode == "slide":
+            check_slide(crop or self.crop, stride or self.stride, option="")
         options = {"mode": mode, "crop": crop or self.crop, "stride": stride or self.stride, "resize": resize,
                    "scores": return_scores, "tokens": return_tokens, "halting": return_halting}
         detailed = return_scores or return_tokens or return_halting

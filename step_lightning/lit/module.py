@@ -74,18 +74,21 @@ class SegmentationModule(L.LightningModule):
         eval_stride: int = 341,
         loss: dict | None = None,
         init_from: str | None = None,
+        init_from_min_fraction: float = 0.5,
         dataset: dict | None = None,
         policy: PolicyNet | None = None,
     ):
         """``model``: a ``ModelSpec`` as a dict; ``dataset``: the datamodule's ``metadata()``; ``policy``: the
         trained network of a dCTS/CTS tokenizer (built untrained when absent: a checkpoint's state dict then
-        fills it)."""
+        fills it); ``init_from``: a checkpoint whose matching tensors (at least ``init_from_min_fraction`` of
+        the model's, the policy network's left out) start the model."""
         super().__init__()
         self.save_hyperparameters(ignore=["policy"])
         spec = ModelSpec(**model)
         self.model = build_model(spec, policy)
         if init_from:
-            loaded = load_weights(self.model, init_from, strict=False, key="init_from")
+            loaded = load_weights(self.model, init_from, strict=False, min_fraction=init_from_min_fraction,
+                                  key="init_from")
             print(f"init_from: loaded {loaded.tensors}/{loaded.total} tensors from {init_from}")
         self.criterion = ATMLoss(spec.num_classes, spec.ignore_index, **(loss or {}))
         self.val_metrics = SegMetrics(spec.num_classes, spec.ignore_index)
@@ -118,6 +121,7 @@ class SegmentationModule(L.LightningModule):
             eval_stride=cfg.eval.stride,
             loss=OmegaConf.to_container(cfg.loss),
             init_from=cfg.get("init_from"),
+            init_from_min_fraction=cfg.get("init_from_min_fraction", 0.5),
             dataset=dataset,
             policy=policy,
         )

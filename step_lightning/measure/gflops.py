@@ -86,15 +86,6 @@ def count_gflops(
         module.train(was_training)
 
 
-def gflops_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
-                     options: InferenceOptions | None = None) -> list[float]:
-    """Batch-1 GFLOPs of each image [N,3,H,W] (token counts, hence FLOPs, vary per image)."""
-    return [
-        count_gflops(model, images[i : i + 1], None if labels is None else labels[i : i + 1], options=options)["gflops"]
-        for i in range(len(images))
-    ]
-
-
 def training_gflops(forward: float, policy: float = 0.0) -> float:
     """Forward + backward of a training step from its forward's GFLOPs: the backward of every matrix product
     costs two of its forwards (gradients of inputs and of weights, the usual 3x rule), except in the frozen
