@@ -86,7 +86,7 @@ RANGES: dict[str, Bound] = {
     "policy_train.weight_decay": WEIGHT,
     "policy_train.warmup_steps": STEPS,
     "policy_train.batch_size": dataclasses.replace(COUNT, nullable=True),
-    "policy_train.whole_image_size": Bound(2 * PATCH_SIZE, integer=True, nullable=True),
+    "policy_train.size": Bound(2 * PATCH_SIZE, integer=True, nullable=True),
     "optim.lr": POSITIVE,
     "optim.weight_decay": WEIGHT,
     "optim.head_lr_mult": POSITIVE,
@@ -136,6 +136,7 @@ CHOICES: dict[str, tuple] = {
     "optim.schedule": ("poly", "cosine"),
     "optim.param_groups": ("timm", "segvit"),
     "policy_train.schedule": ("cosine", "constant"),
+    "policy_train.data": ("augmented", "whole", "crops"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "engine": ("packed", "padded"),
     "precision": ("fp32", "bf16", "fp16"),  # the measurement commands' dtype
@@ -252,7 +253,7 @@ def check_policy(cfg: DictConfig) -> None:
         )
 
 
-POLICY_DATA = ("augmented", "whole", "crops")
+POLICY_DATA = CHOICES["policy_train.data"]
 
 
 def check_policy_data(cfg: DictConfig) -> None:
