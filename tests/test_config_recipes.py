@@ -73,7 +73,7 @@ def test_policy_data_settings_are_checked_before_work(tmp_path):
     def check(*overrides):
         check_config(compose_config(["data=ade20k", "backbone=vit_b", *overrides], output_dir=tmp_path))
 
-    with pytest.raises(ConfigError, match="policy_train.data=random must be one of augmented, whole, crops"):
+    with pytest.raises(ConfigError, match="policy_train.data=random must be one of 'augmented', 'whole', 'crops'"):
         check("policy_train.data=random")
     with pytest.raises(ConfigError, match="policy_train.size=500 must be a positive multiple of 16"):
         check("policy_train.size=500")

@@ -191,10 +191,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Every setting of RANGES and CHOICES the config holds is within what it admits."""
+    """Every setting of RANGES and CHOICES the config holds is within what it admits. A setting that follows
+    another (``policy_train.size: ${crop_size}``) is left to that one's check, which names what to change."""
     for key, bound in RANGES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
-        if value != "<absent>" and not bound.admits(value):
+        if value != "<absent>" and not bound.admits(value) and not follows_another(cfg, key):
             raise ConfigError(f"{key}={value} must be {bound.describe()}.")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
@@ -202,6 +203,12 @@ def check_values(cfg: DictConfig) -> None:
             words = [f"'{c}'" for c in dict.fromkeys(str(c) for c in choices)]
             listed = " or ".join(words) if len(words) == 2 else f"one of {', '.join(words)}"
             raise ConfigError(f"{key}={value} must be {listed}.")
+
+
+def follows_another(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and OmegaConf.is_interpolation(node, leaf)
 
 
 def check_eval_protocol(cfg: DictConfig) -> None:

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from step_lightning.core import ConfigError
-from step_lightning.models.halting import ForcedHalting, HaltingRule
+from step_lightning.models.halting import BudgetHalting, ForcedHalting, HaltingRule
 from step_lightning.models.packed import Packing, bucket
 from step_lightning.models.tokenizer import patch_grid
+from step_lightning.tokens.budget import budget_tokens
 from step_lightning.tokens.embed import embed_pyramid
 from step_lightning.tokens.layout import TokenLayout
 from step_lightning.tokens.packed import PackedLayout, pack_layout, token_starts
@@ -54,12 +55,17 @@ class InferenceOptions:
 
     engine: ``packed`` or ``padded`` (the static-shape store); fast: segments as CUDA graphs / compiled
     (``fast_backend``) with the fused policy; force_halt: a speed-study knob replacing the model's halting rule
-    by ``ForcedHalting`` (that fraction of each image's tokens halts at the first exit)."""
+    by ``ForcedHalting`` (that fraction of each image's tokens halts at the first exit). Compute budgets of a
+    trained model (no retraining): ``budget`` (dCTS: at most that fraction of the patches, or that many tokens,
+    per image) and ``halt_budget`` (every exit halts that fraction of each image's tokens, ``BudgetHalting``).
+    With both, a forward has static shapes and no host read."""
 
     engine: str = "packed"
     fast: bool = False
     fast_backend: str = "cudagraphs"
     force_halt: float | None = None
+    budget: float | None = None
+    halt_budget: float | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -68,16 +74,31 @@ class InferenceOptions:
             raise ConfigError(f"fast_backend={self.fast_backend} must be one of {', '.join(FAST_BACKENDS)}.")
         if self.force_halt is not None:
             ForcedHalting(self.force_halt)  # validates the fraction
+        if self.halt_budget is not None:
+            BudgetHalting(self.halt_budget)
+        if self.budget is not None:
+            budget_tokens(self.budget, (1, 1))  # validates the value
 
     @classmethod
     def from_config(cls, cfg) -> InferenceOptions:
-        """From a command's config keys ``engine``, ``fast``, ``fast_backend``, ``force_halt`` (all optional)."""
-        force = cfg.get("force_halt")
+        """From a command's config keys ``engine``, ``fast``, ``fast_backend``, ``force_halt``, ``budget``,
+        ``halt_budget`` (all optional)."""
+
+        def number(key):
+            value = cfg.get(key)
+            return None if value is None else value if isinstance(value, int | float) else float(value)
+
         return cls(str(cfg.get("engine", "packed")), bool(cfg.get("fast", False)),
-                   str(cfg.get("fast_backend", "cudagraphs")), None if force is None else float(force))
+                   str(cfg.get("fast_backend", "cudagraphs")), number("force_halt"), number("budget"),
+                   number("halt_budget"))
 
     def rule(self, model: nn.Module) -> HaltingRule:
-        return model.halting if self.force_halt is None else ForcedHalting(self.force_halt)
+        if self.force_halt is not None:
+            return ForcedHalting(self.force_halt)
+        if self.halt_budget is not None:
+            base = model.halting
+            return BudgetHalting(self.halt_budget, getattr(base, "keep_top_k", 5), model.num_classes)
+        return model.halting
 
 
 # ---------------------------------------------------------------- probes and the one host read
@@ -332,21 +353,21 @@ def count_tokens(model, policy, images, labels) -> tuple[Tensor, ...]:
     """Segment before READ 1 (content-dependent token counts): scores -> size map -> start cells, counts,
     owner offsets."""
     mark("policy")
-    size_map = model.tokenizer.size_map(images, labels, policy)
+    size_map = model.tokenizer.size_map(images, labels, policy)  # no budget here: a budget needs no read
     mark("layout")
     return (size_map, *token_starts(size_map))
 
 
-def embed(model, policy, images, labels, pre) -> Tokens:
+def embed(model, policy, images, labels, pre, budget, masked: bool) -> Tokens:
     """The encoder's input rows. ``pre``: None (the count is known from shapes) or the output of
-    ``count_tokens`` and the packing its read chose."""
+    ``count_tokens`` and the packing its read chose; ``budget``: the tokenizer's, or None for its own."""
     b = images.shape[0]
     grid = patch_grid(images)
     encoder = model.encoder
     if pre is None:
         mark("policy")
-        size_map = model.tokenizer.size_map(images, labels, policy)
-        count = model.tokenizer.static_count(grid)
+        size_map = model.tokenizer.size_map(images, labels, policy, budget)
+        count = model.tokenizer.static_count(grid, budget)
         packing = Packing.regular(b, count, images.device)
         if size_map is None:  # plain patches
             mark("embed")
@@ -354,7 +375,7 @@ def embed(model, policy, images, labels, pre) -> Tokens:
             return Tokens(x.reshape(-1, x.shape[-1]), packing, None, None)
         is_start, counts, offset = token_starts(size_map)
         if not model.tokenizer.exact_count:  # at most ``count`` tokens per image: static sizes, real counts
-            packing = Packing.from_counts(counts, b * count, count)
+            packing = Packing.padded(counts, count) if masked else Packing.from_counts(counts, b * count, count)
     else:
         size_map, is_start, counts, offset, packing = pre
     mark("layout")
@@ -557,11 +578,13 @@ def run_stage(model, store: TokenStore, index: int, rule: HaltingRule) -> TokenS
     return store
 
 
-def run_segment(model, rule, policy, images, labels, pre, store, sizes, first: int, last: int, masked: bool):
+def run_segment(model, rule, policy, images, labels, pre, store, sizes, first: int, last: int, masked: bool,
+                budget):
     """Stages ``first``..``last`` between two reads: [tokens | compaction] -> stages; the outputs after the last
     stage, else the store."""
     if store is None:
-        store = TokenStore.start(embed(model, policy, images, labels, pre), model.num_classes, masked)
+        store = TokenStore.start(embed(model, policy, images, labels, pre, budget, masked), model.num_classes,
+                                  masked)
     elif sizes is not None:
         mark("exits", ("select", first - 1))
         store = store.compact(*sizes)
@@ -580,9 +603,9 @@ def _finish(images, store: TokenStore):
     return outputs, tokens.packing.counts, token_layout(tokens), store.halted, store.active, halt_head
 
 
-def _pre_read(model, policy, images, labels, runner, key, masked: bool, bucketed: bool):
+def _pre_read(model, policy, images, labels, runner, key, masked: bool, bucketed: bool, budget):
     """Content-dependent token counts (dCTS): the tokenizer segment and READ 1. Otherwise nothing to read."""
-    if model.tokenizer.static_count(patch_grid(images)) is not None:
+    if model.tokenizer.static_count(patch_grid(images), budget) is not None:
         return None, None
     size_map, is_start, counts, offset = runner("tokens", count_tokens, model, policy, images, labels, key=key)
     if masked:
@@ -604,10 +627,11 @@ def forward(model, images: Tensor, labels: Tensor | None, options: InferenceOpti
     rule = options.rule(model)
     runner = segment_runner(model, images.device, options)
     policy = policy_for(model, fast)
-    key = settings_key(model, rule) if runner.backend == "cudagraphs" else ()
+    budget = options.budget
+    key = (*settings_key(model, rule), budget) if runner.backend == "cudagraphs" else ()
     grad = contextlib.nullcontext() if not fast else torch.no_grad()  # graphs and compiled segments: inference
     with grad:
-        pre, longest = _pre_read(model, policy, images, labels, runner, key, masked, bucketed=fast)
+        pre, longest = _pre_read(model, policy, images, labels, runner, key, masked, fast, budget)
         last_stage = len(model.stages) - 1
         # the packed store reads the survivors of every exit that halts (unless the rule bounds them): a segment
         # ends there
@@ -615,7 +639,7 @@ def forward(model, images: Tensor, labels: Tensor | None, options: InferenceOpti
         store, sizes, first = None, None, 0
         for last in [*ends, last_stage]:
             result = runner(f"stage {last}", run_segment, model, rule, policy, images, labels, pre, store, sizes,
-                            first, last, masked, key=key)
+                            first, last, masked, budget, key=key)
             if last == last_stage:
                 break
             store, first = result, last + 1

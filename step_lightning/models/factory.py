@@ -29,7 +29,8 @@ class ModelSpec:
     passed to ``build_model`` or, when absent, built untrained for weights loaded afterwards).
     prune_heads: 1-indexed layers followed by an exit head; () = no early exit (SegViT's cascaded head).
     halting: the exits' rule (``step_lightning.models.halting.RULES``): ``confidence`` (DToP: prune_threshold,
-    keep_top_k) or ``none``.
+    keep_top_k), ``budget`` (``halt_budget``: that fraction of each image's tokens halts at every exit; set by
+    halt_budget alone) or ``none``. budget: dCTS at most that fraction of the patches (or that many tokens) per image.
     exit_num_heads: attention heads of an early-exit model's ATM heads (DToP: 6 for ViT-B, 8 or 16 for ViT-L);
     None = one per 32 channels, as SegViT.
     head_layers / exit_head_layers: ATM decoder layers per head / per exit head (checkpoints saved before
@@ -52,6 +53,8 @@ class ModelSpec:
     prune_heads: tuple[int, ...] = ()
     halting: str = "confidence"
     prune_threshold: float = 0.9
+    budget: float | None = None
+    halt_budget: float | None = None
     keep_top_k: int = 5
     head_layers: int = 3
     exit_num_heads: int | None = None
@@ -67,6 +70,11 @@ class ModelSpec:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
+        if self.halt_budget is not None and self.halting == "confidence":
+            self.halting = "budget"
+        if self.budget is not None and self.tokenizer != "dcts":
+            raise ConfigError(f"budget={self.budget} sets dCTS's token count; tokenizer={self.tokenizer} has none "
+                              "(use a dcts/step method, or halt_budget= for the exits).")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer={self.tokenizer} must be one of {', '.join(TOKENIZERS)}.")
         if self.tokenizer == "dcts" and self.tau is None:
@@ -117,7 +125,7 @@ def build_tokenizer(spec: ModelSpec, policy: PolicyNet | None = None):
     policy = policy if spec.policy == "net" else None
     if spec.tokenizer == "cts":
         return CTSTokenizer(policy, spec.cts_k, spec.ignore_index)
-    return DCTSTokenizer(policy, parse_tau(spec.tau), spec.ignore_index)
+    return DCTSTokenizer(policy, parse_tau(spec.tau), spec.ignore_index, spec.budget)
 
 
 def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBase:

@@ -16,6 +16,7 @@ from torch import nn
 
 from step_lightning.core import PATCH_SIZE, ConfigError
 from step_lightning.core.resize import resize_labels
+from step_lightning.tokens.budget import budget_size_map, budget_tokens, check_budget
 from step_lightning.tokens.layout import (
     TokenLayout,
     cts_k_for_grid,
@@ -25,6 +26,12 @@ from step_lightning.tokens.layout import (
     layout_from_size_map,
 )
 from step_lightning.tokens.policy import OraclePolicy, PolicyNet
+
+
+def refuse_budget(name: str, budget: float | None) -> None:
+    if budget is not None:
+        raise ConfigError(f"budget={budget} sets dCTS's token count; this model's tokenizer is {name} "
+                          "(use halt_budget= for its exits, or a dcts/step model).")
 
 
 def patch_grid(images: torch.Tensor) -> tuple[int, int]:
@@ -41,10 +48,12 @@ class PatchTokenizer(nn.Module):
     policy = None
     exact_count = True  # every image has exactly ``static_count`` tokens (else: at most, padding after them)
 
-    def static_count(self, grid: tuple[int, int]) -> int | None:
+    def static_count(self, grid: tuple[int, int], budget: float | None = None) -> int | None:
+        refuse_budget(self.name, budget)
         return grid[0] * grid[1]
 
-    def size_map(self, images: torch.Tensor, labels: torch.Tensor | None = None, policy=None) -> torch.Tensor | None:
+    def size_map(self, images: torch.Tensor, labels: torch.Tensor | None = None, policy=None,
+                 budget: float | None = None) -> torch.Tensor | None:
         return None
 
     def settings(self) -> tuple:
@@ -90,24 +99,28 @@ class SupertokenTokenizer(nn.Module, abc.ABC):
         return self.oracle(resize_labels(labels, images.shape[-2:]), patch_grid(images))
 
     @abc.abstractmethod
-    def windows(self, scores: dict, grid: tuple[int, int]) -> torch.Tensor:
+    def windows(self, scores: dict, grid: tuple[int, int], budget: float | None) -> torch.Tensor:
         """The size map [B, Hp, Wp] of the windows this tokenizer merges, from the policy's scores."""
 
     @abc.abstractmethod
-    def static_count(self, grid: tuple[int, int]) -> int | None:
-        """Tokens per image when known from shapes, else None (read on the host after the layout)."""
+    def static_count(self, grid: tuple[int, int], budget: float | None = None) -> int | None:
+        """Tokens per image when known from shapes (at most, with a budget), else None (read on the host after
+        the layout). ``budget``: overrides the tokenizer's own."""
 
     @abc.abstractmethod
     def settings(self) -> tuple:
         """The tokenizer's settings (what a captured graph bakes in)."""
 
-    def size_map(self, images: torch.Tensor, labels: torch.Tensor | None = None, policy=None) -> torch.Tensor:
+    def size_map(self, images: torch.Tensor, labels: torch.Tensor | None = None, policy=None,
+                 budget: float | None = None) -> torch.Tensor:
         """int64 [B, Hp, Wp]: the side of the square token covering each cell. No host sync."""
-        return self.windows(self.scores(images, labels, policy), patch_grid(images))
+        return self.windows(self.scores(images, labels, policy), patch_grid(images), budget)
 
-    def layout(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> TokenLayout:
+    def layout(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+               budget: float | None = None) -> TokenLayout:
         grid = patch_grid(images)
-        return layout_from_size_map(self.size_map(images, labels), self.static_count(grid))
+        return layout_from_size_map(self.size_map(images, labels, budget=budget),
+                                    self.static_count(grid, budget) if self.exact_count else None)
 
 
 class CTSTokenizer(SupertokenTokenizer):
@@ -123,10 +136,11 @@ class CTSTokenizer(SupertokenTokenizer):
     def merged(self, grid: tuple[int, int]) -> int:
         return self.k if self.k is not None else cts_k_for_grid(*grid)
 
-    def static_count(self, grid: tuple[int, int]) -> int | None:
+    def static_count(self, grid: tuple[int, int], budget: float | None = None) -> int | None:
+        refuse_budget(self.name, budget)
         return grid[0] * grid[1] - 3 * self.merged(grid)
 
-    def windows(self, scores: dict, grid: tuple[int, int]) -> torch.Tensor:
+    def windows(self, scores: dict, grid: tuple[int, int], budget: float | None) -> torch.Tensor:
         return cts_size_map(scores[2], grid, self.merged(grid))
 
     def settings(self) -> tuple:
@@ -135,20 +149,29 @@ class CTSTokenizer(SupertokenTokenizer):
 
 class DCTSTokenizer(SupertokenTokenizer):
     """dCTS (STEP): coarse to fine, a window merges when its score exceeds its size's threshold and no larger
-    accepted window contains it; the token count depends on the content."""
+    accepted window contains it; the token count depends on the content. ``budget`` (a fraction of the patches
+    or a token count): at most that many tokens per image instead, windows merged in the order of their margins
+    over the thresholds (``step_lightning.tokens.budget``), a count known from shapes."""
 
     name = "dcts"
+    exact_count = False  # with a budget: at most ``static_count`` tokens, padding after them
 
     def __init__(self, policy: PolicyNet | None = None, thresholds: Sequence[float] = (0.6, 0.8, 0.9, 0.9),
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, budget: float | None = None):
         super().__init__(policy, ignore_index)
         self.thresholds = tuple(thresholds)
+        self.budget = budget
 
-    def static_count(self, grid: tuple[int, int]) -> int | None:
-        return None
+    def static_count(self, grid: tuple[int, int], budget: float | None = None) -> int | None:
+        budget = self.budget if budget is None else budget
+        return None if budget is None else budget_tokens(budget, grid)
 
-    def windows(self, scores: dict, grid: tuple[int, int]) -> torch.Tensor:
-        return dcts_size_map(scores, grid, self.thresholds)
+    def windows(self, scores: dict, grid: tuple[int, int], budget: float | None) -> torch.Tensor:
+        tokens = self.static_count(grid, budget)
+        if tokens is None:
+            return dcts_size_map(scores, grid, self.thresholds)
+        check_budget(tokens, grid, [s for s in scores if grid[0] // s and grid[1] // s])
+        return budget_size_map(scores, grid, self.thresholds, tokens)
 
     def settings(self) -> tuple:
-        return (self.name, self.thresholds)
+        return (self.name, self.thresholds, self.budget)
