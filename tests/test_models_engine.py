@@ -34,7 +34,12 @@ METHODS = {
     "step_net": {"tokenizer": "dcts", "tau": 4999, "prune_heads": (2,), "policy": "net"},
     "cts_net": {"tokenizer": "cts", "policy": "net"},
     "cts_dtop": {"tokenizer": "cts", "prune_heads": (2,)},
+    "dcts_budget": {"tokenizer": "dcts", "tau": 6899, "budget": 0.5},
+    "step_budget": {"tokenizer": "dcts", "tau": 6899, "prune_heads": (1, 2), "budget": 0.5, "halt_budget": 0.3},
+    "step_net_budget": {"tokenizer": "dcts", "tau": 4999, "prune_heads": (2,), "policy": "net", "budget": 0.4,
+                        "halt_budget": 0.4},
 }
+BUDGETS = [m for m in METHODS if "budget" in METHODS[m]]
 PACKED, PADDED = InferenceOptions(), InferenceOptions(engine="padded")
 FAST = InferenceOptions(fast=True)  # on CPU: eager segments on bucketed sizes, the fused policy
 
@@ -54,7 +59,7 @@ def build(method: str, depth: int = 3, size: int = 128, **more):
     spec = ModelSpec(backbone="vit_t", num_classes=NUM_CLASSES, img_size=size, depth=depth, drop_path_rate=0.0,
                      taps=tuple(range(1, depth + 1))[-3:], **options)
     model = build_model(spec).eval()
-    if spec.prune_heads:
+    if spec.prune_heads and spec.halt_budget is None:
         for head in model.heads:  # random heads are unsure: sharper presence logits spread the confidences
             head.class_embed.weight.data.mul_(50)
         # halt about half the tokens of a typical image at the first exit
@@ -152,7 +157,7 @@ def test_packed_store_equals_padded_store_and_the_dense_oracle(method, batch):
     padded, packed = run(model, images, labels, PADDED), run(model, images, labels)
     assert_same(packed, padded)
     assert_matches_oracle(model, images, labels, packed[1])
-    if batch == 3 and METHODS[method].get("tokenizer") == "dcts" and "policy" not in METHODS[method]:
+    if batch == 3 and METHODS[method].get("tokenizer") == "dcts" and not {"policy", "budget"} & set(METHODS[method]):
         assert len(set(packed[1].tokens.tolist())) == 3  # very different token counts in one batch
     if "prune_heads" in METHODS[method]:
         assert packed[1].extras["halted"].sum() > 0  # tokens did halt
@@ -199,7 +204,8 @@ def test_outputs_do_not_depend_on_the_bucket(method, monkeypatch):
     assert_same(results[0], run(model, images, labels, PADDED))
 
 
-READS = {"segvit": 0, "cts": 0, "cts_net": 0, "dcts": 1, "dtop": 2, "step": 3, "step_net": 2, "cts_dtop": 1}
+READS = {"segvit": 0, "cts": 0, "cts_net": 0, "dcts": 1, "dtop": 2, "step": 3, "step_net": 2, "cts_dtop": 1,
+         "dcts_budget": 0, "step_budget": 0, "step_net_budget": 0}
 
 
 @pytest.mark.parametrize("method", list(READS))
@@ -210,9 +216,9 @@ def test_host_reads_are_exactly_the_documented_ones(method):
         model(images, labels)
     assert counter.host_reads == [("read", "tolist")] * READS[method]
     with torch.no_grad(), DispatchCounter() as counter:
-        model(images, labels, PADDED)  # the padded store reads only dCTS's longest image
-    assert len(counter.host_reads) == int(METHODS[method].get("tokenizer") == "dcts")
-    if model.exit_layers:  # an exit that cannot halt costs no read
+        model(images, labels, PADDED)  # the padded store reads only dCTS's longest image (none with a budget)
+    assert len(counter.host_reads) == int(METHODS[method].get("tokenizer") == "dcts" and method not in BUDGETS)
+    if model.exit_layers and method not in BUDGETS:  # an exit that cannot halt costs no read
         with torch.no_grad(), DispatchCounter() as counter:
             model(images, labels, InferenceOptions(force_halt=0.3))
         assert len(counter.host_reads) == READS[method] - model.num_exits + 1
@@ -456,3 +462,50 @@ def test_a_static_rule_halts_without_host_reads(method):
     assert_same(packed, run(model, images, labels, PADDED))
     assert_matches_oracle(model, images, labels, packed[1])
     assert packed[1].extras["halted"].sum() > 0
+
+
+@pytest.mark.parametrize("method", ["dcts_budget", "step_budget"])
+def test_with_budgets_images_of_any_content_run_one_static_program(method):
+    """Both budgets: no host read, and eight images with different content dispatch one sequence of (op, shapes)."""
+    model = build(method, depth=2, size=512, **({"prune_heads": (1,)} if "step" in method else {}))
+    images = torch.randn(1, 3, 512, 512)
+    sequences, counts = set(), set()
+    for labels in close_token_counts(8, 512):
+        with torch.no_grad(), DispatchCounter(record=True) as counter:
+            out = model(images, labels)
+        assert counter.host_reads == []
+        counts.add(int(out.tokens[0]))
+        sequences.add(tuple(counter.sequence))
+    assert len(sequences) == 1 and len(counts) > 1  # different real counts, one program
+
+
+@pytest.mark.parametrize("method", ["step_budget", "step_net_budget"])
+def test_with_budgets_the_forward_compiles_as_one_graph(method):
+    import torch._dynamo
+
+    model = build(method)
+    images, labels = torch.randn(2, 3, 128, 128), scene_labels(2, 128)
+    reference = run(model, images, labels)
+    torch._dynamo.reset()
+    runner = engine.segment_runner(model, images.device, replace(FAST, fast_backend="compile:eager"))
+    try:
+        compiled = run(model, images, labels, replace(FAST, fast_backend="compile:eager"))
+    finally:
+        engine.reset(model)
+    assert_same(compiled, reference)
+    assert len(runner.compiled) == 1  # one segment: the whole forward, no read to split it
+
+
+def test_budgets_are_inference_options_of_a_trained_model():
+    """A model trained without budgets takes them at inference (no retraining): the token count and the halted
+    fraction follow the options; without them it is the model it was."""
+    model = build("step")
+    images, labels = torch.randn(2, 3, 128, 128), scene_labels(2, 128)
+    plain = run(model, images, labels)
+    budgeted = run(model, images, labels, InferenceOptions(budget=0.5, halt_budget=0.25))
+    assert (budgeted[1].tokens <= 32).all()
+    active = budgeted[1].extras["active_after"]
+    assert torch.equal(active[:, 0], budgeted[1].tokens - (0.25 * budgeted[1].tokens).round().long())
+    assert_same(run(model, images, labels), plain)
+    with pytest.raises(ConfigError, match="budget=0.5 sets dCTS"):
+        run(build("dtop"), images, labels, InferenceOptions(budget=0.5))

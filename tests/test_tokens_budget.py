@@ -148,3 +148,11 @@ def test_halting_budget_bounds_survivors_from_shapes():
             assert kept <= rule.survivors(0, length)
     with pytest.raises(ConfigError, match="halt_budget"):
         BudgetHalting(1.0)
+
+
+@pytest.mark.parametrize("grid", [(32, 32), (17, 33), (40, 24), (5, 70), (3, 3)])
+@pytest.mark.parametrize("sizes", [WINDOW_SIZES, (2, 4, 8), (2,)])
+def test_fewest_tokens_is_every_window_merged(grid, sizes):
+    scores = {s: torch.ones(1, grid[0] // s, grid[1] // s) for s in sizes}
+    merged = layout_from_size_map(dcts_size_map(scores, grid, (-1.0,) * 4)).num_tokens
+    assert fewest_tokens(grid, sizes) == int(merged[0])

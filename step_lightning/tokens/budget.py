@@ -15,7 +15,6 @@ layout with that count lies between (``tests/test_tokens_budget.py``). A budget 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -38,18 +37,22 @@ def budget_tokens(budget: float, grid: tuple[int, int]) -> int:
     return min(patches, max(1, round(budget * patches))) if budget <= 1 else min(patches, int(budget))
 
 
-@functools.cache
-def fewest_tokens(grid: tuple[int, int], sizes: tuple[int, ...]) -> int:
-    """The fewest tokens a layout with windows of ``sizes`` has on an Hp x Wp grid (every window merged at the
-    largest size that fits): a budget below it cannot be met. Computed once per grid from shapes alone."""
+def fewest_tokens(grid: tuple[int, int], sizes: Sequence[int]) -> int:
+    """The fewest tokens a layout with windows of ``sizes`` has on an Hp x Wp grid: every cell in the largest
+    window that fits there. The windows of size s tile the rectangle [0, Hp - Hp mod s) x [0, Wp - Wp mod s);
+    these rectangles shrink as s grows, so each size adds its windows outside the next larger size's rectangle,
+    and cells outside every rectangle stay single patches. Python ints from shapes."""
     hp, wp = grid
-    scores = {s: torch.ones(1, hp // s, wp // s) for s in sizes}
-    size_map = dcts_size_map(scores, grid, (-1.0,) * 4)
-    return int(_counts(size_map)[0])
+    count, inner = 0, (0, 0)  # the next larger size's rectangle
+    for s in sorted(sizes, reverse=True):
+        rows, cols = hp - hp % s, wp - wp % s
+        count += (rows // s) * (cols // s) - (inner[0] // s) * (inner[1] // s)
+        inner = (rows, cols)
+    return count + hp * wp - inner[0] * inner[1]
 
 
 def check_budget(tokens: int, grid: tuple[int, int], sizes: Sequence[int]) -> None:
-    fewest = fewest_tokens(grid, tuple(sizes))
+    fewest = fewest_tokens(grid, sizes)
     if tokens < fewest:
         raise ConfigError(
             f"a budget of {tokens} tokens is below the {fewest} that a {grid[0]}x{grid[1]} patch grid keeps with "
