@@ -11,7 +11,7 @@ device=${DEVICE:-cuda}
 precision=${PRECISION:-bf16}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-budget=${BUDGET:-480}  # seconds for the whole check: a step that would end past it is skipped
+budget=${BUDGET:-520}  # seconds for the whole check: a step that would end past it is skipped
 start=$SECONDS
 log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$out/steps.txt"; }
 fits() { [ $((SECONDS - start + $1)) -le "$budget" ] || { log "skipped $2: it could end past the ${budget} s budget"; false; }; }
@@ -39,23 +39,33 @@ bench() {
   log "benchmark $name rc=$?"
 }
 
+BUDGETS="{name: step_budget, method: step, budget: 0.5, halt_budget: 0.3, force_halt: null}"
 if [ "${QUICK:-0}" = 1 ]; then
   size="backbone=vit_t backbone.depth=4 backbone.taps=[2,3,4] backbone.dtop_heads=[2,3] resolution=128"
   runs="num_images=2 warmup=1 repeats=2"
-  bench infer_tiny 300 $size $runs batch_size=2 engines=[packed,fast] force_halt=0.4 \
-    "methods=[segvit,dcts,step,{name: step_net, method: step, policy: random}]"
-  bench train_tiny 300 $size $runs batch_size=2 mode=train force_halt=0.4 "methods=[segvit,dcts,step]"
+  bench infer_tiny 300 $size $runs batch_size=2 engines=[packed,fast] force_halt=0.4 profile=true \
+    "methods=[segvit,dcts,step,{name: step_net, method: step, policy: random},$BUDGETS]"
+  bench train_tiny 300 $size $runs batch_size=2 mode=train force_halt=0.4 "methods=[segvit,dcts,step,$BUDGETS]"
   exit 0
 fi
 
-methods_b="[segvit,cts,dcts,dtop,step,step_single,{name: dcts_net, method: dcts, policy: random},{name: step_net, method: step, policy: random}]"
-runs="num_images=8 warmup=2 repeats=5 force_halt=0.4"
-bench vit_b_512_b1 70 backbone=vit_b resolution=512 $runs batch_size=1 engines=[packed,fast] "methods=$methods_b"
-bench vit_l_1024_b1 90 backbone=vit_l resolution=1024 $runs batch_size=1 engines=[packed,fast] "methods=$methods_b"
-bench vit_l_1024_b8 90 backbone=vit_l resolution=1024 $runs batch_size=8 engines=[packed,fast] "methods=$methods_b"
-bench vit_b_1024_b8 60 backbone=vit_b resolution=1024 $runs batch_size=8 engines=[packed,fast] "methods=$methods_b"
-bench train_vit_l_1024_b2 80 backbone=vit_l resolution=1024 num_images=8 warmup=1 repeats=3 force_halt=0.4 \
-  batch_size=2 mode=train "methods=[segvit,dcts,step]"
-bench train_vit_b_512_b8 60 backbone=vit_b resolution=512 num_images=8 warmup=1 repeats=3 force_halt=0.4 \
-  batch_size=8 mode=train "methods=[segvit,dcts,step]"
+# Budget rows next to their threshold rows (the same method at about the same GFLOPs): every exit halts
+# halt_budget of its tokens, so step_single (one exit) compares with force_halt=0.4 at that exit.
+budgets() { echo "{name: dcts_budget, method: dcts, budget: $1},{name: step_single_budget, method: step_single, \
+budget: $1, halt_budget: 0.4, force_halt: null}"; }
+oracle="segvit,cts,dcts,dtop,step,step_single"
+net="{name: dcts_net, method: dcts, policy: random},{name: step_net, method: step, policy: random}"
+runs="warmup=1 repeats=3 force_halt=0.4 num_images=8"
+bench vit_l_1024_b1 130 backbone=vit_l resolution=1024 $runs batch_size=1 engines=[packed,fast] profile=true \
+  "methods=[$oracle,$(budgets 0.3)]"
+bench vit_l_1024_b8 110 backbone=vit_l resolution=1024 $runs batch_size=8 engines=[packed,fast] \
+  "methods=[$oracle,$(budgets 0.3)]"
+bench train_vit_l_1024_b2 100 backbone=vit_l resolution=1024 $runs batch_size=2 mode=train \
+  "methods=[segvit,dcts,step,$(budgets 0.3)]"
+bench vit_b_512_b1 70 backbone=vit_b resolution=512 $runs batch_size=1 engines=[packed,fast] \
+  "methods=[$oracle,$net,$(budgets 0.5)]"
+bench vit_b_1024_b8 70 backbone=vit_b resolution=1024 $runs batch_size=8 engines=[packed,fast] \
+  "methods=[$oracle,$(budgets 0.3)]"
+bench train_vit_b_512_b8 60 backbone=vit_b resolution=512 $runs batch_size=8 mode=train \
+  "methods=[segvit,dcts,step,$(budgets 0.5)]"
 log "done"

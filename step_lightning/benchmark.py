@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
-from step_lightning.core import ConfigError
+from step_lightning.core import PATCH_SIZE, ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.components import component_ops, component_times, fixed_ms
 from step_lightning.measure.gflops import ForwardCost, training_gflops
@@ -44,7 +44,7 @@ from step_lightning.measure.report import add_engine_ratios, add_ratios, write_o
 from step_lightning.measure.statistics import token_statistics
 from step_lightning.measure.timing import DTYPES, profile_pass, resolve_device, sdpa_context, time_passes
 from step_lightning.metrics import SegMetrics
-from step_lightning.models.engine import InferenceOptions
+from step_lightning.models.engine import InferenceOptions, computed_counts
 from step_lightning.models.loss import ATMLoss
 from step_lightning.models.packed import varlen_attn
 
@@ -94,8 +94,10 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             # exact per crop from its token counts (tests/test_measure_gflops_supertokens.py), one full trace
             cost = ForwardCost(model, x[:1], y[:1], options[name])
             progress.step(f"GFLOPs {name}")
-            per_image = [cost(t, a) for t, a in zip(stats.pop("tokens_per_image"),
-                                                    stats.pop("active_after_per_image"), strict=True)]
+            grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+            per_image = [cost(*computed_counts(model, options[name], grid, int(t), [int(v) for v in a]))
+                         for t, a in zip(stats.pop("tokens_per_image"), stats.pop("active_after_per_image"),
+                                         strict=True)]
             results[name] = {
                 "gflops": statistics.fmean(per_image),
                 "gflops_per_image": per_image,

@@ -30,7 +30,7 @@ from step_lightning.config.checks import check_eval_protocol, check_values
 from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
-from step_lightning.lit.summary import headline, validation_summary, write_summary
+from step_lightning.lit.summary import headline, sample_batch, validation_gflops, validation_summary, write_summary
 from step_lightning.models.engine import InferenceOptions
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,15 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         default_root_dir=str(output_dir),
     )
     trainer.validate(module, dataloaders=loader, verbose=False)
+    image, label = sample_batch(datamodule, count=1)
+    options = module.inference
     result = {
         **validation_summary(module.last_val, datamodule.class_names),
+        "gflops": validation_gflops(module.model, module.last_val, image.to(module.device), label.to(module.device),
+                                    options),
+        "budget": options.budget,
+        "halt_budget": options.halt_budget,
+        "tau": module.hparams.model.get("tau"),
         "images": module.last_val["token_stats"]["images"],
         "split": split,
         "mode": cfg.eval.mode,

@@ -29,6 +29,7 @@ from step_lightning.cli import checked_command_line, run_command
 from step_lightning.core import ConfigError
 from step_lightning.data.io import read_image
 from step_lightning.measure.render import render_panels, save_png
+from step_lightning.models.engine import InferenceOptions
 
 
 def required(cfg: DictConfig, key: str, example: str) -> str:
@@ -62,7 +63,7 @@ def predict(cfg: DictConfig) -> dict:
     ckpt = required(cfg, "ckpt_path", "outputs/<run>/checkpoints/last.ckpt")
     output = Path(required(cfg, "output", "predictions")).expanduser()
     files, root = find_images(required(cfg, "input", "photos/"), exclude=output)
-    predictor = load(ckpt, cfg.device)
+    predictor = load(ckpt, cfg.device, InferenceOptions.from_config(cfg), cfg.get("precision", "auto"))
     stems = output_stems(files, root)
     inputs = {f.resolve() for f in files}
     if any(destination(output, stem, ".png").resolve() in inputs for stem in stems):

@@ -69,6 +69,8 @@ FRACTION = Bound(0, 1, high_open=True)
 RANGES: dict[str, Bound] = {
     "seed": Bound(0, 2**32 - 1, integer=True),
     "prune_threshold": Bound(0, 1, low_open=True),
+    "budget": Bound(0, low_open=True, nullable=True),  # a fraction of the patches (<= 1) or a token count
+    "halt_budget": dataclasses.replace(FRACTION, nullable=True),
     "cts_k": dataclasses.replace(COUNT, nullable=True),
     "halting_finetune_steps": STEPS,
     "init_from_min_fraction": Bound(0, 1),

@@ -15,6 +15,7 @@ from step_lightning.core.files import write_json
 from step_lightning.core.resize import resize_labels
 from step_lightning.measure.gflops import ForwardCost
 from step_lightning.models.checkpoint import read_checkpoint
+from step_lightning.models.engine import InferenceOptions, computed_counts
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,19 @@ def validation_summary(val: dict, class_names: Sequence[str]) -> dict:
     }
 
 
-def validation_gflops(model, val: dict, image: torch.Tensor, label: torch.Tensor) -> float:
+def validation_gflops(model, val: dict, image: torch.Tensor, label: torch.Tensor,
+                      options: InferenceOptions | None = None) -> float:
     """Mean GFLOPs per model forward over every forward of the validation (each window in slide mode), from
     each one's token counts (``ForwardCost``: exact per token count; the token-independent part is counted
-    at ``image``'s size, the model's input size)."""
-    cost = ForwardCost(model, image, label)
+    at ``image``'s size, the model's input size); ``options``: the validation's (budgets)."""
+    options = options or InferenceOptions()
+    cost = ForwardCost(model, image, label, options)
     tokens, active = val["per_image"]["tokens"], val["per_image"]["active_after"]
     active = active or [()] * len(tokens)
-    return sum(cost(t, a) for t, a in zip(tokens, active, strict=True)) / len(tokens)
+    grid = (image.shape[-2] // PATCH_SIZE, image.shape[-1] // PATCH_SIZE)
+    computed = [computed_counts(model, options, grid, int(t), [int(v) for v in a])
+                for t, a in zip(tokens, active, strict=True)]
+    return sum(cost(t, a) for t, a in computed) / len(tokens)
 
 
 def best_validated(callback, last_checkpoint: Path, step: int, score: float, key: str) -> dict:

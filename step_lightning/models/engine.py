@@ -654,7 +654,22 @@ def forward(model, images: Tensor, labels: Tensor | None, options: InferenceOpti
     return SegmenterOutput(outputs, counts, extras)
 
 
+def computed_counts(model, options: InferenceOptions, grid: tuple[int, int], tokens: int,
+                    active_after: list[int]) -> tuple[int, list[int]]:
+    """The tokens per image each stage computes, from an image's real counts: a budget's padding and a static
+    rule's survivor bound are computed like real tokens (the price of static shapes), counts read on the host
+    are exact."""
+    static = model.tokenizer.static_count(grid, options.budget)
+    first = static if static is not None and not model.tokenizer.exact_count else tokens
+    rule, computed, stages = options.rule(model), first, []
+    for index, active in enumerate(active_after):
+        if rule.can_halt(index):
+            computed = rule.survivors(index, computed) if rule.static else active
+        stages.append(computed)
+    return first, stages
+
+
 def store_from_rows(model, x: Tensor) -> TokenStore:
     """A store holding given tokens [1, N, C] (cost models evaluate one stage on N tokens)."""
-    packing = Packing.regular(1, x.shape[1], x.device)
+    packing = Packing.regular(1, int(x.shape[1]), x.device)  # a plain int, also while fvcore traces
     return TokenStore.start(Tokens(x[0], packing, None, None), model.num_classes, masked=False)
