@@ -34,7 +34,6 @@ argsort over all windows, Python loops over the four window sizes only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -44,7 +43,10 @@ from step_lightning.core import ConfigError
 from step_lightning.tokens.layout import expand_windows, window_scores
 from step_lightning.tokens.tau import WINDOW_SIZES
 
-_EXPECTED = "a fraction of the patch count in (0, 1], e.g. budget=0.6 (1.0 = every patch its own token), or a token count > 1, e.g. budget=700"
+_EXPECTED = (
+    "a fraction of the patch count in (0, 1], e.g. budget=0.6 (1.0 = every patch its own token), "
+    "or a token count > 1, e.g. budget=700"
+)
 
 
 def parse_budget(value: float | int) -> float | int:
@@ -96,13 +98,55 @@ def _first_k(mask: Tensor, order: Tensor, k: Tensor) -> Tensor:
     return mask & (order <= cutoff) & (k > 0).view_as(cutoff)
 
 
-def _size_map(accept: dict[int, Tensor], grid: tuple[int, int], like: Tensor) -> Tensor:
+def _size_map(accept: dict[int, Tensor], grid: tuple[int, int], batch: int, device: torch.device) -> Tensor:
     """int64 [B, Hp, Wp] from disjoint accepted windows {s: bool [B, nh, nw]}."""
     hp, wp = grid
-    size_map = torch.ones(like.shape[0], hp, wp, dtype=torch.long, device=like.device)
+    size_map = torch.ones(batch, hp, wp, dtype=torch.long, device=device)
     for s, acc in accept.items():
         size_map = size_map.masked_fill(expand_windows(acc, s, hp, wp), s)
     return size_map
+
+
+def _ranks(keys: dict[int, Tensor], grid: tuple[int, int]) -> tuple[dict[int, Tensor], dict[int, Tensor], int]:
+    """Every window's rank among all windows of its image (key descending, ties: coarser, then raster order;
+    ``keys`` is ordered coarse first), the lowest rank among the windows containing it (W = none), and W."""
+    hp, wp = grid
+    sizes = list(keys)
+    b = keys[sizes[0]].shape[0]
+    device = keys[sizes[0]].device
+    flat_keys = torch.cat([k.flatten(1) for k in keys.values()], 1)
+    total = flat_keys.shape[1]
+    order = flat_keys.argsort(dim=1, descending=True, stable=True)
+    flat_rank = torch.empty_like(order).scatter_(1, order, torch.arange(total, device=device).expand(b, total))
+    splits = flat_rank.split([k[0].numel() for k in keys.values()], 1)
+    rank = {s: r.reshape(keys[s].shape) for s, r in zip(sizes, splits, strict=True)}
+    ancestor = {}
+    lowest = torch.full((b, hp, wp), total, dtype=torch.long, device=device)  # per cell, over the sizes so far
+    for s in sizes:
+        nh, nw = keys[s].shape[1:]
+        ancestor[s] = lowest[:, ::s, ::s][:, :nh, :nw]
+        lowest = torch.minimum(lowest, expand_windows(rank[s], s, hp, wp, fill=total))
+    return rank, ancestor, total
+
+
+def _fill(
+    size_map: Tensor, rank: dict[int, Tensor], allowed: dict[int, Tensor] | None, merges: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Merge ``merges`` [B] more windows whose four quarters are tokens (3 tokens saved each), fine to coarse,
+    the lowest rank first within a size, only ``allowed`` ones where given. Returns the size map and the merges
+    left undone (non-zero only when too few such windows exist)."""
+    b, hp, wp = size_map.shape
+    for s in sorted(rank):
+        nh, nw = rank[s].shape[1:]
+        half = s // 2
+        quarters = size_map[:, ::half, ::half][:, : 2 * nh, : 2 * nw] == half
+        candidate = quarters.view(b, nh, 2, nw, 2).all(4).all(2)
+        if allowed is not None:
+            candidate = candidate & allowed[s]
+        take = _first_k(candidate, rank[s], merges)
+        merges = merges - take.flatten(1).sum(1)
+        size_map = size_map.masked_fill(expand_windows(take, s, hp, wp), s)
+    return size_map, merges
 
 
 def budget_size_map(
@@ -124,70 +168,43 @@ def budget_size_map(
         raise ValueError(f"thresholds must be (tau2, tau4, tau8, tau16), got {thresholds!r}")
     if not scores or sorted(scores) != list(WINDOW_SIZES[: len(scores)]):
         raise ValueError(f"budget layouts need scores for the sizes 2, 4, ... up to the largest, got {sorted(scores)}")
-    if not min_token_count(grid, tuple(scores)) <= budget_tokens <= hp * wp:
-        raise ValueError(f"budget_tokens={budget_tokens} lies outside [{min_token_count(grid, tuple(scores))}, "
-                         f"{hp * wp}] for a {hp}x{wp} grid")
-    tau = dict(zip(WINDOW_SIZES, thresholds, strict=True))
-    sizes = [s for s in sorted(scores, reverse=True) if hp // s and wp // s]  # coarse first: ties go coarse
+    lowest = min_token_count(grid, tuple(scores))
+    if not lowest <= budget_tokens <= hp * wp:
+        raise ValueError(f"budget_tokens={budget_tokens} lies outside [{lowest}, {hp * wp}] for a {hp}x{wp} grid")
     ref = next(iter(scores.values()))
-    if not sizes:  # no whole window: plain patches
-        size_map = torch.ones(ref.shape[0], hp, wp, dtype=torch.long, device=ref.device)
-        return size_map, torch.full((ref.shape[0],), hp * wp, dtype=torch.long, device=ref.device)
-    b = ref.shape[0]
-    device = ref.device
-    shapes = {s: (hp // s, wp // s) for s in sizes}
+    b, device = ref.shape[0], ref.device
+    tau = dict(zip(WINDOW_SIZES, thresholds, strict=True))
+    # Coarse first (rank ties go to the coarser window); sizes without a whole window in the grid drop out.
+    sizes = [s for s in sorted(scores, reverse=True) if hp // s and wp // s]
     keys = {s: window_scores(scores[s], s, hp, wp) - tau[s] for s in sizes}
-    flat_keys = torch.cat([keys[s].flatten(1) for s in sizes], 1)
-    total = flat_keys.shape[1]
-    order = flat_keys.argsort(dim=1, descending=True, stable=True)
-    positions = torch.arange(total, device=device).expand(b, total)
-    flat_rank = torch.empty_like(order).scatter_(1, order, positions)
-    splits = flat_rank.split([math.prod(shapes[s]) for s in sizes], 1)
-    rank = {s: r.reshape(b, *shapes[s]) for s, r in zip(sizes, splits, strict=True)}
+    if not keys:
+        return _size_map({}, grid, b, device), torch.full((b,), hp * wp, dtype=torch.long, device=device)
+    rank, ancestor, total = _ranks(keys, grid)
 
-    # ancestor[s]: the lowest rank among the windows that contain each window of size s (``total`` = none).
-    ancestor = {}
-    lowest = torch.full((b, hp, wp), total, dtype=torch.long, device=device)
-    for s in sizes:
-        nh, nw = shapes[s]
-        ancestor[s] = lowest[:, ::s, ::s][:, :nh, :nw]
-        lowest = torch.minimum(lowest, expand_windows(rank[s], s, hp, wp, fill=total))
-
-    # Token count c(j), j = 0..total: window w saves s^2 - 1 tokens for rank(w) < j <= ancestor(w).
+    # Token count c(j), j = 0..W: window w saves s^2 - 1 tokens for rank(w) < j <= ancestor(w).
     delta = torch.zeros(b, total + 2, dtype=torch.long, device=device)
-    for s in sizes:
+    for s in keys:
         saving = (s * s - 1) * (ancestor[s] > rank[s]).long().flatten(1)
         delta.scatter_add_(1, rank[s].flatten(1) + 1, saving)
         delta.scatter_add_(1, ancestor[s].flatten(1) + 1, -saving)
     count = hp * wp - delta.cumsum(1)[:, : total + 1]
-    largest = torch.full((b,), total, dtype=torch.long, device=device)
-    if floor:
-        largest = (flat_keys > 0).sum(1)
+    # With the floor, A never grows past the windows above their thresholds (they rank first).
+    largest = sum((k > 0).flatten(1).sum(1) for k in keys.values()) if floor else torch.full_like(count[:, 0], total)
     j = torch.minimum((count >= budget_tokens).sum(1) - 1, largest)
 
-    def maximal(j: Tensor) -> dict[int, Tensor]:
+    def layout(j: Tensor) -> Tensor:
         jj = j.view(b, 1, 1)
-        return {s: (rank[s] < jj) & (ancestor[s] >= jj) for s in sizes}
+        return _size_map({s: (rank[s] < jj) & (ancestor[s] >= jj) for s in keys}, grid, b, device)
 
-    size_map = _size_map(maximal(j), grid, ref)
     count_j = count.gather(1, j.unsqueeze(1)).squeeze(1)
-    remaining = torch.div(count_j - budget_tokens + 2, 3, rounding_mode="floor")
-    merges = remaining
-    for s in sorted(sizes):
-        nh, nw = shapes[s]
-        half = s // 2
-        quarters = size_map[:, ::half, ::half][:, : 2 * nh, : 2 * nw] == half
-        candidate = quarters.view(b, nh, 2, nw, 2).all(4).all(2)
-        if floor:
-            candidate = candidate & (keys[s] > 0)
-        take = _first_k(candidate, rank[s], remaining)
-        remaining = remaining - take.flatten(1).sum(1)
-        size_map = size_map.masked_fill(expand_windows(take, s, hp, wp), s)
-    counts = count_j - 3 * (merges - remaining)
+    merges = torch.div(count_j - budget_tokens + 2, 3, rounding_mode="floor")
+    allowed = {s: k > 0 for s, k in keys.items()} if floor else None
+    size_map, undone = _fill(layout(j), rank, allowed, merges)
+    counts = count_j - 3 * (merges - undone)
     if floor:
         # Too few windows above threshold to close the gap: merge the overshooting window instead.
-        short = remaining > 0
+        short = undone > 0
         after = torch.minimum(j + 1, largest)
-        size_map = torch.where(short.view(b, 1, 1), _size_map(maximal(after), grid, ref), size_map)
+        size_map = torch.where(short.view(b, 1, 1), layout(after), size_map)
         counts = torch.where(short, count.gather(1, after.unsqueeze(1)).squeeze(1), counts)
     return size_map, counts
