@@ -30,19 +30,23 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.components import component_ops, component_times, fixed_ms
-from step_lightning.measure.gflops import gflops_per_image
+from step_lightning.measure.gflops import ForwardCost, training_gflops
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
-from step_lightning.measure.presets import ENGINES, apply_engine, build_models, engine_forward, method_configs
+from step_lightning.measure.presets import ENGINES, build_models, engine_forward, method_configs, training_step
+from step_lightning.measure.progress import Progress
 from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
-from step_lightning.measure.timing import DTYPES, resolve_device, sdpa_context, time_passes
+from step_lightning.measure.timing import DTYPES, profile_pass, resolve_device, sdpa_context, time_passes
 from step_lightning.metrics import SegMetrics
+from step_lightning.models.engine import InferenceOptions
+from step_lightning.models.loss import ATMLoss
+from step_lightning.models.packed import varlen_attn
 
 log = logging.getLogger(__name__)
 
@@ -66,48 +70,55 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     models = build_models(configs, datamodule.num_classes, datamodule.ignore_index)
     for name, path in checkpoints.items():  # trained models, rebuilt from their checkpoints alone
         models[name] = load_module(path, key=f"checkpoints.{name}").model
-        models[name].force_halt = configs[name].get("force_halt")
+    options = {name: InferenceOptions.from_config(configs[name]) for name in models}
     engines = list(cfg.get("engines") or ["packed"])
     if unknown := sorted(set(engines) - set(ENGINES)):
         raise ConfigError(f"engines={engines}: {unknown} not among {list(ENGINES)}.")
-    for model in models.values():
-        apply_engine(model, cfg)
+    training = cfg.get("mode", "inference") == "train"
+    if cfg.get("mode", "inference") not in ("inference", "train"):
+        raise ConfigError(f"mode={cfg.mode} must be 'inference' or 'train'.")
     results: dict[str, dict] = {}
-    for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
-        per_image = gflops_per_image(model, images, labels)
-        metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
-        results[name] = {
-            "gflops": statistics.fmean(per_image),
-            "gflops_per_image": per_image,
-            **token_statistics(model, images, labels, metrics),
-        }
-    with torch.inference_mode():
-        x, y = images.to(device, dtype), labels.to(device)
+    batch_count = -(-len(images) // cfg.batch_size)
+    components = cfg.get("components", True) and not training
+    # Forward passes: token statistics and a GFLOPs trace per method, memory, components, then the timed passes.
+    timed = 1 if training else len(engines)
+    total = len(models) * (len(images) + 1 + 1 + (cfg.repeats + 3 if components else 0))
+    total += len(models) * timed * (cfg.warmup + cfg.repeats) * batch_count
+    x, y = images.to(device), labels.to(device)
+    with Progress("benchmark", total) as progress:
+        for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
+            model.to(device)
+            metrics = SegMetrics(datamodule.num_classes, datamodule.ignore_index) if checkpoints.get(name) else None
+            stats = token_statistics(model, x, y, metrics, options[name])
+            progress.step(f"tokens {name}", len(images))
+            # exact per crop from its token counts (tests/test_measure_gflops_supertokens.py), one full trace
+            cost = ForwardCost(model, x[:1], y[:1], options[name])
+            progress.step(f"GFLOPs {name}")
+            per_image = [cost(t, a) for t, a in zip(stats.pop("tokens_per_image"),
+                                                    stats.pop("active_after_per_image"), strict=True)]
+            results[name] = {
+                "gflops": statistics.fmean(per_image),
+                "gflops_per_image": per_image,
+                "training_gflops": statistics.fmean(training_gflops(g, cost.policy) for g in per_image),
+                **stats,
+            }
+            model.cpu()
+        x = x.to(dtype)
         batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-        with sdpa_context(cfg.sdpa):
-            for name, model in models.items():
-                model.to(device, dtype)
-                results[name]["peak_mem_mb"] = forward_memory_mb(model, *batches[0])
-                if cfg.get("components", True):
-                    times = component_times(model, *batches[0], device, cfg.repeats)
-                    ops, reads = component_ops(model, *batches[0])
-                    padded_ops, _ = component_ops(model, *batches[0], engine="padded")
-                    results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
-                                      "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
-                                      "host_reads": reads}
-            forwards = {(name, engine): engine_forward(model, engine) for name, model in models.items()
-                        for engine in engines}
-            seconds = time_passes(forwards, batches, cfg, device)
-            for model in models.values():
-                apply_engine(model, cfg)
+        if training:
+            seconds = time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress)
+        else:
+            seconds = time_inference(cfg, models, options, results, batches, device, dtype, engines, progress)
     for (name, engine), passes in seconds.items():
-        results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(len(x) / s for s in passes)
+        rates = [len(x) / s for s in passes]
+        results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(rates)
+        results[name].setdefault("images_per_s_spread", {})[engine] = [min(rates), max(rates)]
         results[name].setdefault("pass_seconds", {})[engine] = passes
-    main_engine = "fast" if "fast" in engines else engines[-1]
+    main_engine = "train" if training else ("fast" if "fast" in engines else engines[-1])
     for row in results.values():
         row["images_per_s"] = row["images_per_s_by_engine"][main_engine]
     reference = "segvit" if "segvit" in results else next(iter(results))
-    add_ratios(results, reference)
+    add_ratios(results, reference, "training_gflops" if training else "gflops")
     add_engine_ratios(results, reference)
     memory = (
         "CUDA max_memory_allocated during the forward minus allocated before"
@@ -125,7 +136,8 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             "policy": cfg.policy,
             "force_halt": cfg.force_halt,
             "batch_size": cfg.batch_size,
-            "engines": engines,
+            "mode": "train" if training else "inference",
+            "engines": ["train"] if training else engines,
             "throughput_engine": main_engine,
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
@@ -134,6 +146,10 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             "sdpa": cfg.sdpa,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "attention": "varlen (flash) for packed rows" if device.type == "cuda" and varlen_attn is not None
+            and dtype != torch.float32 else "scaled_dot_product_attention (dense view)",
             "memory": memory,
             "reference": reference,
         },
@@ -147,6 +163,58 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     return report
 
 
+def time_inference(cfg, models, options, results, batches, device, dtype, engines, progress: Progress) -> dict:
+    """Peak memory, per-component times and dispatched ops of each method's forward, and the seconds of every
+    timed pass per (method, engine), methods and engines alternating round by round."""
+    with torch.inference_mode(), sdpa_context(cfg.sdpa):
+        for name, model in models.items():
+            model.to(device, dtype)
+            forward = engine_forward(model, options[name], "packed")
+            results[name]["peak_mem_mb"] = forward_memory_mb(forward, *batches[0])
+            progress.step(f"memory {name}")
+            if cfg.get("components", True):
+                times = component_times(model, *batches[0], device, cfg.repeats, options[name])
+                ops, reads = component_ops(model, *batches[0], options[name])
+                padded_ops, _ = component_ops(model, *batches[0], options[name], engine="padded")
+                results[name] |= {"component_ms": times, "fixed_ms": fixed_ms(times), "component_ops": ops,
+                                  "ops": sum(ops.values()), "padded_ops": sum(padded_ops.values()),
+                                  "host_reads": reads}
+                progress.step(f"components {name}", cfg.repeats + 3)
+        forwards = {(name, engine): engine_forward(model, options[name], engine) for name, model in models.items()
+                    for engine in engines}
+        seconds = time_passes(forwards, batches, cfg, device, done=progress.step)
+        if cfg.get("profile") and device.type == "cuda":
+            for (name, engine), forward in forwards.items():
+                results[name].setdefault("profile", {})[engine] = profile_pass(forward, batches, device)
+        return seconds
+
+
+def time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress: Progress) -> dict:
+    """Peak memory and the seconds of every timed pass of training steps (forward, ATM loss, backward; weights
+    in fp32 under autocast for bf16/fp16) per method, methods alternating round by round. ``force_halt`` applies
+    in training too: the benchmark's models take its rule."""
+    criterion = ATMLoss(datamodule.num_classes, datamodule.ignore_index)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    steps = {}
+    with sdpa_context(cfg.sdpa):
+        for name, model in models.items():
+            model.halting = options[name].rule(model)
+            model.to(device).train()
+            steps[(name, "train")] = training_step(model, criterion, autocast)
+            results[name]["peak_mem_mb"] = forward_memory_mb(steps[(name, "train")], *batches[0])
+            progress.step(f"memory {name}")
+        batches = [(images.float(), labels) for images, labels in batches]
+        seconds = time_passes(steps, batches, cfg, device, done=progress.step)
+        if cfg.get("profile") and device.type == "cuda":
+            for (name, _), step in steps.items():
+                results[name]["profile"] = {"train": profile_pass(step, batches, device)}
+        return seconds
+
+
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig

@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.core import ConfigError
 from step_lightning.data.dataset import load_sample
 from step_lightning.data.folders import Sample, find_pairs
@@ -110,6 +110,7 @@ def check_from_config(cfg: DictConfig) -> int:
     return 0 if run_check(dm, splits, int(cfg.threads)) else 1
 
 
+@checked_command_line(run_folder=False)
 @hydra.main(config_path="conf", config_name="check", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     sys.exit(run_command(check_from_config, cfg))

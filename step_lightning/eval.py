@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +22,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
+from step_lightning.config.checks import check_eval_protocol, check_values
 from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core import ConfigError
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.summary import headline, validation_summary, write_summary
+from step_lightning.models.engine import InferenceOptions
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,18 @@ EVAL_ONLY_KEYS = ("ckpt_path", "run_config")
 METHOD_KEYS = ("method", "tokenizer", "tau", "prune_heads")
 # What an evaluation may change in a trained model: its tokenizer (the encoder and heads stay the trained ones).
 TOKENIZER_KEYS = ("method", "tokenizer", "tau", "cts_k", "policy")
+
+
+class EvalProgressBar(TQDMProgressBar):
+    """Lightning's bar (batches done, time left) named after what is evaluated: method, split, protocol."""
+
+    def __init__(self, description: str):
+        super().__init__(refresh_rate=1 if sys.stderr.isatty() else 50)  # a log file gets every 50th batch
+        self.description = description
+
+    @property
+    def validation_description(self) -> str:
+        return self.description
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
@@ -141,15 +157,15 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         cfg = eval_cfg
     else:
         cfg = merge_run_config(run_cfg, eval_cfg, overrides)
-    if cfg.eval.mode not in ("whole", "slide"):
-        raise ConfigError(f"eval.mode={cfg.eval.mode} must be 'whole' or 'slide'.")
+    check_values(cfg)
+    check_eval_protocol(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
     tokenizer, policy = tokenizer_override(cfg, overrides)
     module = load_module(ckpt, tokenizer=tokenizer, policy=policy, eval_mode=cfg.eval.mode, eval_crop=cfg.eval.crop,
                          eval_stride=cfg.eval.stride)
-    module.model.engine, module.model.fast = eval_cfg.get("engine", "packed"), bool(eval_cfg.get("fast", False))
+    module.inference = InferenceOptions.from_config(eval_cfg)
     trained_classes = module.model.num_classes
     if trained_classes != datamodule.num_classes:
         raise ConfigError(
@@ -163,6 +179,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         devices=1,
         precision=cfg.trainer.get("precision", "32-true"),
         logger=False,
+        callbacks=[EvalProgressBar(f"eval {cfg.get('method')} {split} ({cfg.eval.mode})")],
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=str(output_dir),
@@ -184,6 +201,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     return write_summary(result, output_dir / "eval.json", line, label="eval")
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from step_lightning.api.export import FORMATS, INPUT_NAME, OUTPUT_NAME, check_exportable, export_model, max_difference
 from step_lightning.api.predictor import dataset_metadata
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.core import PATCH_SIZE, ConfigError
 from step_lightning.core.files import write_json
 from step_lightning.lit.checkpoint import load_module
@@ -60,6 +60,7 @@ def export(cfg: DictConfig) -> Path:
     return output
 
 
+@checked_command_line(run_folder=False)
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     run_command(export, cfg)

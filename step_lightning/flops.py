@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.config.model import build_model_from_config, tokenizer_kind
 from step_lightning.core.files import write_json
@@ -58,6 +58,7 @@ def flops(cfg: DictConfig) -> float:
     return result["gflops"]
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="flops")
 def main(cfg: DictConfig) -> float:
     return run_command(flops, cfg)

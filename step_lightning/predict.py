@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from step_lightning.api.images import find_images, label_image, output_stems, overlay, same_size_batches
 from step_lightning.api.predictor import load
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.core import ConfigError
 from step_lightning.data.io import read_image
 from step_lightning.measure.render import render_panels, save_png
@@ -94,6 +94,7 @@ def predict(cfg: DictConfig) -> dict:
     return {"written": written, "skipped": [str(f) for f in skipped], "output": str(output)}
 
 
+@checked_command_line(run_folder=False)
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     run_command(predict, cfg)

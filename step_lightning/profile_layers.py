@@ -26,14 +26,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
-from step_lightning.measure.layers import Timer, components, gflops_by_component
+from step_lightning.measure.layers import LayerTimer, components, gflops_by_component
 from step_lightning.measure.presets import build_models
+from step_lightning.measure.progress import Progress
 from step_lightning.measure.timing import resolve_device
+from step_lightning.models.engine import InferenceOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +49,38 @@ def profile(cfg: DictConfig) -> dict:
     images, labels, names, datamodule = sample_crops(cfg)
     if cfg.get("ckpt_path"):  # the trained model, rebuilt from its checkpoint alone
         model = load_module(cfg.ckpt_path).model
-        model.force_halt = cfg.get("force_halt")
     else:
         model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
-    flops = [gflops_by_component(model, images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
-    model.engine = "padded"
+    options = InferenceOptions.from_config(cfg)
+    crops = len(images)
+    progress = Progress(f"profile_layers {cfg.method}", crops * (1 + cfg.warmup + cfg.repeats))
+    flops = []
+    for i in range(crops):
+        flops.append(gflops_by_component(model, images[i : i + 1], labels[i : i + 1], options))
+        progress.step(f"GFLOPs per part (crop {i + 1}/{crops})")
     model.to(device)
-    timer = Timer(device)
-    handles = timer.attach(model)
+    timer = LayerTimer(device, model)
+    handles = timer.attach()
     per_crop, totals = [], []
-    with torch.inference_mode():
-        for image, label in zip(images.to(device), labels.to(device), strict=True):
+    with progress, torch.inference_mode():
+        for i, (image, label) in enumerate(zip(images.to(device), labels.to(device), strict=True)):
             runs = []
             for run in range(cfg.warmup + cfg.repeats):
                 timer.seconds.clear()
-                timer.begin("forward")
-                model(image[None], label[None])
-                timer.end("forward")
+                with timer:  # from the first to the last mark: every moment of the forward is in one part
+                    model(image[None], label[None], options)
                 if run >= cfg.warmup:
                     parts = dict(timer.seconds)
-                    parts["other"] = parts["forward"] - sum(v for k, v in parts.items() if k != "forward")
+                    parts["forward"] = sum(parts.values())
                     runs.append(parts)
+                progress.step(f"{'warm-up' if run < cfg.warmup else 'timing'} per part (crop {i + 1}/{crops})")
             # Means, not medians: the parts of every run add up to its forward, so their means add up exactly.
-            per_crop.append({k: statistics.fmean(r[k] for r in runs) * 1e3 for k in runs[0]})
+            keys = {k for r in runs for k in r}
+            per_crop.append({k: statistics.fmean(r.get(k, 0.0) for r in runs) * 1e3 for k in keys})
     for handle in handles:
         handle.remove()
-    order = [*components(model), *(k for k in ("halting rule", "token selection") if k in per_crop[0]), "other"]
+    extra = ("halting rule", "token selection", "host reads")
+    order = [*components(model), *(k for k in extra if k in per_crop[0]), "other"]
     rows = {
         label: {
             "ms": statistics.fmean(c.get(label, 0.0) for c in per_crop),
@@ -149,6 +157,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="profile")
 def main(cfg: DictConfig) -> None:
     run_command(profile, cfg)

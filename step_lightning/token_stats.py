@@ -20,11 +20,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.config.model import model_spec, policy_network
 from step_lightning.core.files import write_json
 from step_lightning.measure.inputs import sample_crops
+from step_lightning.measure.progress import Progress
 from step_lightning.metrics import TokenStats
 from step_lightning.models.factory import build_tokenizer
 from step_lightning.tokens.layout import TOKEN_SIZES
@@ -51,9 +52,11 @@ def token_stats(cfg: DictConfig) -> dict:
     spec = model_spec(cfg, datamodule.num_classes, datamodule.ignore_index)
     tokenizer = build_tokenizer(spec, policy_network(cfg, spec)).eval()
     stats = TokenStats()
-    for start in range(0, len(images), cfg.batch_size):
-        x, y = images[start : start + cfg.batch_size], labels[start : start + cfg.batch_size]
-        stats.update(tokenizer.layout(x, y))
+    with Progress(f"token_stats {cfg.method}", len(images)) as progress:
+        for start in range(0, len(images), cfg.batch_size):
+            x, y = images[start : start + cfg.batch_size], labels[start : start + cfg.batch_size]
+            stats.update(tokenizer.layout(x, y))
+            progress.step(f"tokenizer (crops {start + 1}-{start + len(x)} of {len(images)})", len(x))
     result = stats.compute()
     setting = (
         f"{cfg.data.name} {cfg.data.get('split') or ''} {len(names)} crops {cfg.resolution}x{cfg.resolution} "
@@ -68,6 +71,7 @@ def token_stats(cfg: DictConfig) -> dict:
     return result
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="tokens")
 def main(cfg: DictConfig) -> None:
     run_command(token_stats, cfg)

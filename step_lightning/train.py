@@ -2,7 +2,8 @@
 
     python -m step_lightning.train [overrides]     e.g. backbone=vit_l prune_heads=[8,16] tau=6899 data=ade20k
 
-Fits, validates the best checkpoint, writes ``summary.json`` in the run directory and prints its path last.
+Fits, validates the last weights of every phase, writes ``summary.json`` (the last weights' scores, the best
+validated checkpoint beside them) in the run directory and prints its path last.
 Mistakes the user must fix end with one ``error: ...`` line and exit status 1; SIGTERM saves the phase's
 ``last.ckpt`` (``policy/`` or ``checkpoints/``), names it and exits with 143.
 """
@@ -19,17 +20,30 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from step_lightning.cli import launcher_checked, run_command
-from step_lightning.config.checks import check_config, check_training_weights
+from step_lightning.cli import checked_command_line, run_command
+from step_lightning.config.checks import check_config, check_datamodule, check_sources, check_training_weights
 from step_lightning.config.model import tokenizer_kind
+from step_lightning.core import ConfigError
 from step_lightning.core.files import read_json
 from step_lightning.lit.callbacks.durability import LAST, checkpoint_dir
+from step_lightning.lit.callbacks.final_validation import (
+    ValidateLastStep,
+    save_last_unless_saved,
+    validate_last_weights,
+)
 from step_lightning.lit.ddp import job_distributed_scope, use_hydra_ddp_command
 from step_lightning.lit.loggers import finish_wandb, instantiate_group, log_final, wandb_offline_unless_logged_in
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.lit.policy_phase import train_policy
 from step_lightning.lit.resume import POLICY_DIR, Resume, plan_resume, save_run_config
-from step_lightning.lit.summary import headline, sample_batch, validation_gflops, validation_summary, write_summary
+from step_lightning.lit.summary import (
+    best_validated,
+    headline,
+    sample_batch,
+    validation_gflops,
+    validation_summary,
+    write_summary,
+)
 from step_lightning.models.checkpoint import load_weights, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -62,11 +76,15 @@ def train_job(cfg: DictConfig) -> dict:
     start = time.time()
     check_config(cfg)
     check_training_weights(cfg)
+    check_sources(cfg, trains_policy(cfg))
     output_dir = Path(cfg.paths.output_dir)
     resume = plan_resume(cfg, output_dir, trains_policy(cfg))
     save_run_config(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    policy_to_train = trains_policy(cfg) and (resume is None or resume.phase == "policy")
+    check_phases_can_step(cfg, datamodule, policy_to_train)
+    check_datamodule(cfg, datamodule)
     if resume is not None and resume.checkpoint is not None:
         log.info(f"resuming from {resume.checkpoint}" + ("" if cfg.get("ckpt_path") else " (auto_resume)"))
     elif resume is not None:
@@ -79,7 +97,7 @@ def train_job(cfg: DictConfig) -> dict:
 
     policy_summary = resume.policy if resume is not None else None
     if trains_policy(cfg):
-        if resume is None or resume.phase == "policy":
+        if policy_to_train:
             policy_summary = policy_phase(cfg, datamodule, output_dir, resume)
         if resume is None or resume.checkpoint is None or resume.phase == "policy":
             cfg.policy = policy_summary["checkpoint"]  # the segmenter starts afresh with this policy
@@ -89,6 +107,26 @@ def train_job(cfg: DictConfig) -> dict:
         phases[NO_HALTING] = no_halting_phase(cfg, datamodule, output_dir / NO_HALTING, policy_summary, start)
         cfg = halting_phase(cfg, phases[NO_HALTING]["checkpoint"])
     return fit_segmenter(cfg, datamodule, segment_resume, policy_summary, start, phases)
+
+
+def check_phases_can_step(cfg: DictConfig, datamodule, policy_to_train: bool) -> None:
+    """Before any work: a phase whose training split holds fewer images than its global batch would run zero
+    steps (Lightning drops the partial batch) and pass for finished; stop with the mismatch instead."""
+    batches = []
+    if policy_to_train:
+        batches.append(("policy_train.batch_size", cfg.policy_train.get("batch_size") or datamodule.batch_size))
+    if cfg.task != "policy":
+        batches.append(("data.batch_size", datamodule.batch_size))
+    if not batches:
+        return
+    datamodule.setup("fit")
+    images = len(datamodule.train_set)
+    for key, batch in batches:
+        if images < batch:
+            raise ConfigError(
+                f"the training split of data={cfg.data.name} holds {images} images, fewer than one batch of {batch} "
+                f"({key}), so that phase could not take a single step; add images or set {key} to at most {images}."
+            )
 
 
 NO_HALTING = "no_halting"  # the run's subfolder of DToP's first phase
@@ -117,7 +155,8 @@ def no_halting_phase(cfg: DictConfig, datamodule, folder: Path, policy_summary: 
 
 
 def halting_phase(cfg: DictConfig, checkpoint: str) -> DictConfig:
-    """Fine-tuning with halting from the first phase's best model, for ``halting_finetune_steps`` steps."""
+    """Fine-tuning with halting from the first phase's last weights (DToP fine-tunes its final model), for
+    ``halting_finetune_steps`` steps."""
     second = cfg.copy()
     second.init_from = checkpoint
     second.trainer.max_steps = cfg.halting_finetune_steps
@@ -128,33 +167,38 @@ def halting_phase(cfg: DictConfig, checkpoint: str) -> DictConfig:
 def fit_segmenter(
     cfg: DictConfig, datamodule, resume: Resume | None, policy_summary: dict | None, start: float, phases=None
 ) -> dict:
-    """Fit (continuing ``resume``), validate the best checkpoint, write ``<cfg.paths.output_dir>/summary.json``
-    (with the summaries of earlier ``phases``); returns the summary."""
+    """Fit (continuing ``resume``), validate the last weights, write ``<cfg.paths.output_dir>/summary.json``
+    (their scores, ``checkpoint`` their file, ``best`` the best validated checkpoint, the summaries of earlier
+    ``phases``); returns the summary."""
     output_dir = Path(cfg.paths.output_dir)
     module = SegmentationModule.from_config(cfg, datamodule.num_classes, datamodule.ignore_index, resume is not None,
                                             dataset=datamodule.metadata())
     if resume is not None:  # one line, not Lightning's list of every mismatching tensor
         load_weights(module.model, resume.state, key=f"ckpt_path={resume.checkpoint}")
     loggers = instantiate_group(cfg.get("logger"))
+    final = ValidateLastStep()
     try:
         trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
+            cfg.trainer, callbacks=[*instantiate_group(cfg.get("callbacks")), final], logger=loggers or False
         )
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        last = checkpoint_dir(trainer) / LAST
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
-            best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-            checkpoint = best.best_model_path if best else ""
-            trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
+            validate_last_weights(trainer, module, final, datamodule=datamodule)
+            save_last_unless_saved(trainer, last)
         except SIGTERMException:
-            raise Stopped(checkpoint_dir(trainer) / LAST) from None
+            raise Stopped(last) from None
+        scores = validation_summary(module.last_val, datamodule.class_names)
+        best_callback = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         summary = {
             "method": cfg.get("method"),
-            **validation_summary(module.last_val, datamodule.class_names),
+            **scores,
             "gflops": validation_gflops(module.model, module.last_val, *sample_batch(datamodule, count=1)),
             "wall_time_s": time.time() - start,
-            "checkpoint": checkpoint,
+            "checkpoint": str(last),
+            "best": best_validated(best_callback, last, trainer.global_step, scores["mIoU"], "mIoU"),
             "steps": trainer.global_step,
             "policy": policy_summary,
             "config": OmegaConf.to_container(cfg, resolve=True),
@@ -192,7 +236,7 @@ def train_command(cfg: DictConfig) -> float:
         raise SystemExit(143) from None
 
 
-@launcher_checked
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     use_hydra_ddp_command()

@@ -20,12 +20,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from step_lightning.cli import run_command
+from step_lightning.cli import checked_command_line, run_command
 from step_lightning.config.checks import check_config
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.presets import build_models
 from step_lightning.measure.render import render_panels, save_png
+from step_lightning.models.engine import InferenceOptions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def visualize(cfg: DictConfig) -> list[Path]:
     images, labels, names, datamodule = sample_crops(cfg)
     if cfg.get("ckpt_path"):
         model = load_module(cfg.ckpt_path).model
-        model.force_halt = cfg.get("force_halt")
     else:
         model = build_models({cfg.method: cfg}, datamodule.num_classes, datamodule.ignore_index)[cfg.method]
     out_dir = Path(cfg.paths.output_dir) / "vis"
@@ -52,6 +52,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
             datamodule.mean,
             datamodule.std,
             [f"{cfg.method}: {n}" for n in names[chunk]],
+            InferenceOptions.from_config(cfg),
         )
         for figure, name in zip(figures, names[chunk], strict=True):
             paths.append(save_png(figure, out_dir / f"{cfg.method}_{name.replace('/', '_').replace('@', '_')}.png"))
@@ -61,6 +62,7 @@ def visualize(cfg: DictConfig) -> list[Path]:
     return paths
 
 
+@checked_command_line()
 @hydra.main(version_base="1.3", config_path="conf", config_name="visualize")
 def main(cfg: DictConfig) -> None:
     run_command(visualize, cfg)

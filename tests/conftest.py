@@ -1,11 +1,12 @@
-"""Fixtures: composing configs into a test's tmp_path, one tiny training run shared by the tests that read it,
-and untrained tiny checkpoints of each kind of model."""
+"""Fixtures: the Hugging Face Hub out of reach, composing configs into a test's tmp_path, one tiny training run
+shared by the tests that read it, and untrained tiny checkpoints of each kind of model."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 from omegaconf import DictConfig
 
@@ -17,6 +18,14 @@ from tests.helpers import (
     write_policy_checkpoint,
     write_segmenter_checkpoint,
 )
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """No test contacts the Hub, nor do the commands it starts: huggingface_hub's offline mode (read from the
+    environment at import, from its constants at call time). Tests of the online path fake the Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture

@@ -40,6 +40,21 @@ def run_train(overrides: Sequence[str], output_dir: Path) -> dict:
     return train(compose_config(overrides, "train", output_dir))
 
 
+def record_validations(monkeypatch) -> list[tuple[int, float]]:
+    """(step, mIoU) of every segmenter validation that completes from now on (in this process)."""
+    from step_lightning.lit.module import SegmentationModule
+
+    validations = []
+    original = SegmentationModule.on_validation_epoch_end
+
+    def recording(self):
+        original(self)
+        validations.append((self.global_step, float(self.last_val["mIoU"])))
+
+    monkeypatch.setattr(SegmentationModule, "on_validation_epoch_end", recording)
+    return validations
+
+
 def run_module(module: str, args: Sequence[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m <module> args`` from the repo root, its Hydra run directory ``cwd``."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}

@@ -25,10 +25,27 @@ MISTAKES = [
     (["crop_size=70"], "crop_size=70 must be a positive multiple of 16"),
     (["trainer=ddp_sim", "data.batch_size=3"], "data.batch_size=3 (global) is not divisible by the 2 devices"),
     (["trainer.devices=[0,1,2]", "data.batch_size=4"], "not divisible by the 3 devices"),
+    (["eval.mode=slide", "eval.stride=100"], "eval.stride=100 must be within 1..eval.crop (64)"),
+    # Numbers out of range: the settings' table (config.checks.RANGES, CHOICES), one line each.
+    (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be an integer >= 0"),
+    (["optim.lr=-1"], "optim.lr=-1 must be a number > 0"),
+    (["optim.lr=abc"], "optim.lr=abc must be a number > 0"),
+    (["optim.betas=[0.9,1.5]"], "optim.betas.1=1.5 must be a number in [0, 1)"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 must be an integer >= 1"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be an integer >= 1"),
+    (["prune_threshold=2"], "prune_threshold=2 must be a number in (0, 1]"),
+    (["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
+    (["backbone.drop_path_rate=1.5"], "backbone.drop_path_rate=1.5 must be a number in [0, 1)"),
+    (["loss.dice_weight=-1"], "loss.dice_weight=-1 must be a number >= 0"),
+    (["trainer.precision=17"], "trainer.precision=17 must be one of '64-true'"),
+    (["optim.schedule=step"], "optim.schedule=step must be 'poly' or 'cosine'"),
+    # An untrained policy network is for speed measurements, never trained with.
+    (["method=step", "policy=random"], "policy=random (an untrained policy network) is for speed measurements"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), MISTAKES, ids=[m[1][:30] for m in MISTAKES])
+@pytest.mark.parametrize(("overrides", "message"), MISTAKES, ids=[m[1][:40] for m in MISTAKES])
 def test_config_mistakes_stop_before_data_or_model(tmp_path, monkeypatch, overrides, message):
     cfg = compose_config([*TINY_RUN, *overrides], output_dir=tmp_path)
 
@@ -40,6 +57,16 @@ def test_config_mistakes_stop_before_data_or_model(tmp_path, monkeypatch, overri
     with pytest.raises(ConfigError) as info:
         train_mod.train(cfg)
     assert message in str(info.value)
+
+
+def test_recipe_stride_larger_than_the_crop_stops_before_data_or_model(tmp_path, monkeypatch):
+    """ADE20K ViT-L's recipe slides 640 px windows by 608 px; with crop_size=128 the windows would leave pixels
+    unscored, which the first validation found hours in."""
+    cfg = compose_config(["debug=tiny", "method=segvit", "data=ade20k", "backbone=vit_l", "crop_size=128"],
+                         output_dir=tmp_path)
+    monkeypatch.setattr(train_mod.hydra.utils, "instantiate", pytest.fail)
+    with pytest.raises(ConfigError, match=r"eval.stride=608 must be within 1..eval.crop \(128\): a larger stride"):
+        train_mod.train(cfg)
 
 
 def test_missing_resume_checkpoint_is_a_config_error(tmp_path, monkeypatch):
@@ -240,21 +267,45 @@ def test_corrupt_image_under_loader_workers_is_one_line(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_leaves_the_last_checkpoint_whole(tmp_path, caplog, monkeypatch):
-    real_save = torch.save
-    calls = []
+    """The disk fills up under the second checkpoint file written (the best checkpoint after the first
+    validation; last.ckpt of step 2 came first): torch.save sees failing writes, as on a full disk."""
+    from step_lightning.core import files
 
-    def fills_the_disk(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f, *args, **kwargs)
+    real_fdopen = files.os.fdopen
+    binary_files = []
 
-    monkeypatch.setattr(torch, "save", fills_the_disk)
+    class FillsUp:
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        if "b" not in mode:
+            return file
+        binary_files.append(fd)
+        return FillsUp(file) if len(binary_files) > 1 else file
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
     cfg = compose_config([*TINY_RUN, "callbacks.visualization=null"], output_dir=tmp_path)
     message = error_line(caplog, train_mod.train_command, cfg)
-    assert message.startswith("error: no space left on device") and "hydra.run.dir" in message
-    monkeypatch.setattr(torch, "save", real_save)
+    assert message.startswith(f"error: no space left on device while writing {tmp_path / 'checkpoints'}/step")
+    assert "hydra.run.dir" in message
+    monkeypatch.setattr(files.os, "fdopen", real_fdopen)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -275,3 +326,140 @@ def test_measurement_cli_error_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: method entry 'nope'")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_every_numeric_setting_of_the_configs_has_a_range():
+    """A new numeric setting gets its range in config.checks.RANGES, or a rule of its own named here.
+    Interpolated values (``${crop_size}``) are the settings they copy."""
+    from omegaconf import OmegaConf
+
+    from step_lightning.config.checks import RANGES
+
+    # Their own rules: crop sides and the resolution (positive multiples of 16), tau (four digits), layer
+    # numbers (within the depth), the slide stride (within the window), the devices (divide the batch),
+    # the synthetic scenes' class count (>= 3).
+    own_rules = ("crop_size", "resolution", "tau", "eval.stride", "prune_heads", "backbone.taps",
+                 "backbone.dtop_heads", "backbone.single_head", "trainer.devices", "data.num_classes")
+    missing = set()
+    for name in ("train", "benchmark", "profile", "tokens", "visualize", "flops"):
+        for data in ("synthetic", "ade20k", "cityscapes", "cocostuff10k", "folder"):
+            for backbone in ("vit_b", "vit_l"):
+                cfg = compose_config([f"data={data}", f"backbone={backbone}"], name, REPO / "outputs" / "unused")
+                for key, value in walk(OmegaConf.to_container(cfg, resolve=False)):
+                    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+                    if numeric and key not in RANGES and not any(key.partition(".")[0] == o.partition(".")[0]
+                                                                 and key.startswith(o) for o in own_rules):
+                        missing.add(key)
+    assert not missing, sorted(missing)
+
+
+def walk(container, prefix=""):
+    if isinstance(container, dict):
+        for key, value in container.items():
+            yield from walk(value, f"{prefix}{key}.")
+    elif isinstance(container, list):
+        for index, value in enumerate(container):
+            yield from walk(value, f"{prefix}{index}.")
+    else:
+        yield prefix.rstrip("."), container
+
+
+@pytest.mark.parametrize("where", ["file", "unwritable"])
+def test_output_folder_problems_are_one_line_before_hydra(tmp_path, monkeypatch, where):
+    from step_lightning.cli import check_command_line
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the run folder's parent should be")
+    folder = blocker / "run" if where == "file" else tmp_path / "run"
+    if where == "unwritable":  # tests run as root, whom permission bits do not stop: the check's answer is faked
+        monkeypatch.setattr("step_lightning.cli.os.access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        check_command_line([f"hydra.run.dir={folder}"])
+    message = str(info.value)
+    expected = f"{blocker} is a file, not a folder" if where == "file" else f"cannot write in {tmp_path}"
+    assert message.startswith(f"hydra.run.dir={folder}: {expected}") and "\n" not in message
+    with pytest.raises(ConfigError, match="hydra.sweep.dir"):
+        check_command_line(["-m", f"hydra.sweep.dir={folder}"])
+
+
+@pytest.mark.slow
+def test_cli_output_folder_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "results").write_text("x")
+    result = run_module("step_lightning.eval", ["ckpt_path=x.ckpt"], tmp_path / "results" / "run")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: hydra.run.dir={tmp_path}/results/run: {tmp_path}/results is a file, not a folder; "
+        "give a folder for the outputs.")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_init_from_another_backbone_stops_before_the_first_step(tmp_path, monkeypatch):
+    from tests.helpers import write_segmenter_checkpoint
+
+    other = write_segmenter_checkpoint(["method=segvit", "backbone=vit_s"], tmp_path / "vit_s" / "last.ckpt")
+    monkeypatch.setattr(train_mod.SegmentationModule, "from_config", pytest.fail)  # no model, no step
+    with pytest.raises(ConfigError) as info:
+        train_mod.train(compose_config([*TINY_RUN, f"init_from={other}"], output_dir=tmp_path / "run"))
+    message = str(info.value)
+    assert message.startswith(f"init_from={other} fills 1/170 of this model's tensors, fewer than init_from_min_"
+                              "fraction=0.5 (e.g. encoder.pos_embed: file (1, 16, 384), model (1, 16, 192))")
+    assert "init_from_min_fraction=0 to start from its matching tensors on purpose" in message
+
+
+def test_init_from_partial_on_purpose(tmp_path):
+    from step_lightning.config.checks import check_init_from
+    from tests.helpers import write_segmenter_checkpoint
+
+    other = write_segmenter_checkpoint(["method=segvit", "backbone=vit_s"], tmp_path / "vit_s" / "last.ckpt")
+    check_init_from(compose_config([*TINY_RUN, f"init_from={other}", "init_from_min_fraction=0"], output_dir=tmp_path),
+                    num_classes=8, ignore_index=255)
+    same = write_segmenter_checkpoint(["method=segvit"], tmp_path / "vit_t" / "last.ckpt")
+    check_init_from(compose_config([*TINY_RUN, f"init_from={same}", "init_from_min_fraction=1"], output_dir=tmp_path),
+                    num_classes=8, ignore_index=255)
+
+
+def test_disk_full_inside_torch_save_is_recognised():
+    """torch's zip writer reports a failed write as RuntimeError(inline_container) raised while handling the
+    OSError: the error ladder follows the chain."""
+    import io
+
+    from step_lightning.core.files import disk_full
+
+    class Full(io.RawIOBase):  # room for the first bytes only
+        written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+    with pytest.raises(RuntimeError, match="inline_container") as info:
+        torch.save({"w": torch.zeros(1000)}, Full())
+    assert disk_full(info.value).errno == errno.ENOSPC
+    assert disk_full(RuntimeError("shape mismatch")) is None
+
+
+def test_missing_data_root_stops_before_the_policy_phase(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "train_policy", pytest.fail)
+    monkeypatch.setattr(train_mod.SegmentationModule, "from_config", pytest.fail)
+    cfg = compose_config(["debug=tiny", "method=step", "policy=train", "data=ade20k", f"data.root={tmp_path}/nope",
+                          "backbone.pretrained=none"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"data.root={tmp_path}/nope does not exist"):
+        train_mod.train(cfg)
+
+
+def test_a_library_refusing_a_setting_of_its_group_is_one_line(tmp_path):
+    """Beyond the settings' table: what a config group's target (here Lightning's Trainer) refuses, through
+    Hydra's instantiation, is one line naming the group."""
+    import hydra
+
+    cfg = compose_config([*TINY_RUN, "trainer.gradient_clip_algorithm=foo"], output_dir=tmp_path)
+    with pytest.raises(Exception) as info:
+        hydra.utils.instantiate(cfg.trainer)
+    line = one_line_error(info.value, cfg)
+    assert line == ("trainer: `gradient_clip_algorithm` foo is invalid. Allowed algorithms: ['value', 'norm']. "
+                    "(fix the trainer.* setting).")

@@ -14,7 +14,7 @@ from step_lightning.config.model import build_model_from_config, model_spec
 from step_lightning.core import ConfigError
 from step_lightning.models.backbones import BACKBONES, backbone_spec
 from step_lightning.models.factory import build_encoder
-from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
+from step_lightning.models.tokenizer import CTSTokenizer, DCTSTokenizer, PatchTokenizer
 from tests.helpers import CONF_DIR, run_module
 
 TINY_MODEL = ["debug=tiny", "policy=oracle"]
@@ -79,15 +79,14 @@ def test_callbacks_and_synthetic_data_instantiate(compose_cfg):
     assert datamodule.num_classes == len(datamodule.class_names) == cfg.data.num_classes
 
 
-@pytest.mark.parametrize(("method", "tokenizer"), [("segvit", PatchTokenizer), ("cts", SupertokenTokenizer),
-                                                   ("dcts", SupertokenTokenizer)])
+@pytest.mark.parametrize(("method", "tokenizer"), [("segvit", PatchTokenizer), ("cts", CTSTokenizer),
+                                                   ("dcts", DCTSTokenizer)])
 def test_method_presets_build_and_run(compose_cfg, method, tokenizer):
     cfg = compose_cfg([f"method={method}", *TINY_MODEL])
     check_config(cfg)
     model = build_model_from_config(cfg, num_classes=5).eval()
     assert isinstance(model.tokenizer, tokenizer)
-    if method != "segvit":
-        assert model.tokenizer.mode == method
+    assert model.tokenizer.name == ("patch" if method == "segvit" else method)
     labels = torch.zeros(1, 64, 64, dtype=torch.long)
     labels[:, 32:, :] = 1  # two homogeneous halves: the oracle merges them into supertokens
     out = model(torch.randn(1, 3, 64, 64), labels)

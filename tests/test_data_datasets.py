@@ -245,3 +245,34 @@ def test_config_mistakes():
         CityscapesDataModule("x", label_source="ids")
     with pytest.raises(ConfigError, match="num_classes: 150"):
         ADE20KDataModule("x", num_classes=151)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """A phone's portrait photo is stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show):
+    the dataset, the prediction API and the prediction command (both read_image / as_rgb) see it upright, so
+    a label drawn on the upright photo fits it."""
+    from step_lightning.api.images import as_rgb
+    from step_lightning.data.dataset import load_sample
+    from step_lightning.data.folders import Sample
+    from step_lightning.data.io import read_image
+
+    stored = np.zeros((16, 32, 3), np.uint8)  # 32 wide, 16 high, as the sensor wrote it
+    stored[:, :16] = (250, 10, 10)  # left half red, right half blue
+    stored[:, 16:] = (10, 10, 250)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    for image in (read_image(tmp_path / "photo.jpg"), as_rgb(tmp_path / "photo.jpg"),
+                  as_rgb(Image.open(tmp_path / "photo.jpg"))):
+        assert image.shape == (32, 16, 3)  # upright: 16 wide, 32 high, red on top (JPEG blurs the seam)
+        top, bottom = image[:12].reshape(-1, 3).mean(0), image[20:].reshape(-1, 3).mean(0)
+        assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+    label = np.zeros((32, 16), np.uint8)  # drawn on the upright photo: class 1 on top
+    label[:16] = 1
+    Image.fromarray(label).save(tmp_path / "photo.png")
+    from step_lightning.data.labels import class_index_labels
+
+    labels = class_index_labels(2, reduce_zero_label=False, ignore_value=255, fix="")
+    sample = Sample(str(tmp_path / "photo.jpg"), str(tmp_path / "photo.png"), "photo", labels)
+    image, read_label = load_sample(sample)
+    assert image.shape[:2] == read_label.shape == (32, 16)

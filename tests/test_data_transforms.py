@@ -8,13 +8,16 @@ from numpy.lib.stride_tricks import sliding_window_view
 from step_lightning.data.transforms import (
     CatMaxRatioCrop,
     Compose,
+    EvalScaleCropTransform,
     EvalTransform,
     HorizontalFlip,
+    KeepRatioResize,
     Normalize,
     PhotoMetricDistortion,
     RandomRescale,
     TrainTransform,
     photometric_distortion,
+    protocol_scale,
     rescale_size,
 )
 
@@ -232,4 +235,61 @@ def test_eval_transform_resizes_short_side_and_keeps_label():
     np.testing.assert_allclose(out_image[0, 0], (150 - np.array(MEAN)) / np.array(STD), rtol=1e-5)
     assert out_label is label
     tall, _ = EvalTransform(512, MEAN, STD)(np.zeros((1000, 300, 3), np.uint8), label)
-    assert tall.shape == (1707, 512, 3)
+    assert tall.shape == (1707, 512, 3)  # aspect ratio 3.3: the short side binds
+
+
+@pytest.mark.parametrize(("crop", "height", "width", "expected"), [
+    (512, 100, 1000, (205, 2048)),  # aspect ratio 10 > 4: mmseg caps the long side at 2048 (short side 204.8)
+    (640, 150, 600, (512, 2048)),  # ratio 4 > 3.2 at crop 640: 2048 px long, not 2560
+    (512, 100, 500, (410, 2048)),  # ratio 5: 2560 px long by the short side alone
+])
+def test_eval_transform_caps_the_long_side_at_2048(crop, height, width, expected):
+    """mmseg's ``Resize(scale=(2048, crop), keep_ratio=True)`` scales by min(2048 / long side, crop / short side)."""
+    assert protocol_scale(crop) == (2048, crop)
+    out, _ = EvalTransform(crop, MEAN, STD)(np.zeros((height, width, 3), np.uint8), np.zeros((height, width)))
+    assert out.shape[:2] == expected
+    short_only = round(crop / height * width)
+    assert expected[1] < short_only  # the rule the long-side cap replaced would give a wider image
+
+
+def test_cityscapes_scale_keeps_the_full_frame_whatever_the_crop():
+    assert protocol_scale(512, (2048, 1024)) == (2048, 1024) == protocol_scale(1024, (1024, 2048))
+    image = np.zeros((1024, 2048, 3), np.uint8)
+    for crop in (512, 768, 1024):
+        out, _ = EvalTransform(crop, MEAN, STD, scale=(2048, 1024))(image, np.zeros((1024, 2048)))
+        assert out.shape[:2] == (1024, 2048)
+
+
+def test_keep_ratio_resize_moves_image_and_label_together():
+    label = block_label(100, 150, block=25)
+    image = np.repeat(label[..., None] * 40, 3, axis=-1)
+    out_image, out_label = KeepRatioResize((2048, 200))(image, label, np.random.default_rng(0))
+    assert out_label.shape == (200, 300) and out_image.shape == (200, 300, 3)
+    assert assert_aligned(out_image[..., 0].astype(int), out_label, 40) > 0.5 * out_label.size
+    same_image, same_label = KeepRatioResize((150, 100))(image, label, np.random.default_rng(0))
+    assert same_image is image and same_label is label
+
+
+def test_eval_scale_crops_are_unresized_and_aligned():
+    """CTS's Cityscapes policy data: crops of the frame at its own resolution (scale = its size), placed
+    anywhere, flipped half the time, image and label in register; images smaller than the crop are padded."""
+    label = block_label(96, 160, block=8, seed=3)
+    image = np.repeat(label[..., None] * 40, 3, axis=-1)
+    t = EvalScaleCropTransform(64, (160, 96), (0, 0, 0), (1, 1, 1), seed=2)
+    offsets, flipped = set(), 0
+    full = np.lib.stride_tricks.sliding_window_view(label, (64, 64))
+    for _ in range(30):
+        out_image, out_label = t(image, label)
+        assert out_image.shape == (64, 64, 3) and out_label.shape == (64, 64)
+        np.testing.assert_array_equal(np.rint(out_image[..., 0]).astype(int), out_label.astype(int) * 40)
+        for candidate, was_flipped in ((out_label, False), (out_label[:, ::-1], True)):
+            found = np.argwhere((full == candidate).all(axis=(-1, -2)))
+            if len(found):
+                offsets.add(tuple(found[0]))
+                flipped += was_flipped
+                break
+        else:
+            raise AssertionError("the crop is not a window of the unresized label")
+    assert len(offsets) > 10 and 0 < flipped < 30
+    small_image, small_label = EvalScaleCropTransform(64, (40, 30), MEAN, STD)(image[:30, :40], label[:30, :40])
+    assert small_image.shape == (64, 64, 3) and (small_label[30:] == 255).all() and (small_label[:, 40:] == 255).all()

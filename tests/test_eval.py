@@ -4,6 +4,7 @@ and rebuilds a STEP model from its checkpoint alone (no policy folder, never the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def test_eval_scores_the_whole_split_it_names(tmp_path):
     assert cli.returncode == 0, cli.stderr[-3000:]
     headline, last = cli.stdout.strip().splitlines()[-2:]
     assert " images=6 split=val mode=whole" in headline and last == f"eval: {tmp_path / 'cli' / 'eval.json'}"
+    # Its progress bar (Lightning's, on stdout): what is evaluated (method, split, protocol), batches done of
+    # all, time taken and left.
+    bar = r"eval segvit val \(whole\)[^\n]*: 100%\|[^|]*\| 3/3 \[\d\d:\d\d<00:00"
+    assert re.search(bar, cli.stdout)
 
 
 @pytest.mark.slow

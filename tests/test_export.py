@@ -104,3 +104,23 @@ def test_command_line_refusal_is_one_line(tiny_checkpoint, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: a model with exit heads (prune_heads=[1]) cannot be exported")
+
+
+def test_the_exported_graph_is_predict_even_where_the_upsampling_order_matters(tiny_checkpoint, tmp_path):
+    """Large mask logits (the sigmoid far from linear between grid cells): SegViT's order (upsample the logits,
+    then combine) and combine-then-upsample differ; the exported file follows ``predict``."""
+    import torch.nn.functional as F
+
+    from step_lightning.api.export import export_model
+
+    model = load_module(tiny_checkpoint("segvit")).model.eval()
+    with torch.no_grad():
+        for stage in model.head.stages:
+            stage.layers[-1].cross_attn.q.weight.mul_(300)
+    path = export_model(model, "torch_export", tmp_path / "segvit.pt2", 64)
+    images = random_batch(2, 64, seed=7)
+    expected, out = model.predict(images)
+    exported = run_exported("torch_export", path, images)
+    torch.testing.assert_close(exported, expected, atol=1e-4, rtol=0)
+    grid_first = F.interpolate(model.head_scores(out.outputs[-1]), size=(64, 64), mode="bilinear", align_corners=False)
+    assert (exported - grid_first).abs().max() > 1e-2

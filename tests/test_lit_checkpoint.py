@@ -26,7 +26,7 @@ def test_checkpoint_holds_the_dataset_metadata(tiny_checkpoint):
         "mean": [123.675, 116.28, 103.53],
         "std": [58.395, 57.12, 57.375],
         "ignore_index": 255,
-        "short_side": 64,
+        "eval_scale": [2048, 64],
     }
     assert len(hparams["dataset"]["class_names"]) == len(hparams["dataset"]["palette"]) == 8
     assert (hparams["eval_mode"], hparams["eval_crop"], hparams["eval_stride"]) == ("whole", 64, 42)

@@ -56,7 +56,7 @@ def test_multirun_list_values_give_one_directory_and_summary_per_job(ddp_multiru
 @pytest.mark.slow
 def test_ddp_evaluation_equals_single_process(ddp_multirun, tmp_path):
     """The final validation of the DDP run (2 ranks, 2 of the 4 images each, confusion matrices summed)
-    and a 1-process evaluation of the same best checkpoint count the same pixels: identical scores."""
+    and a 1-process evaluation of its checkpoint (the last weights) count the same pixels: identical scores."""
     sweep_dir, _ = ddp_multirun
     for job in ("0", "1"):
         summary = json.loads((sweep_dir / job / "summary.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,26 @@ from PIL import Image
 from tests.helpers import compose_config, run_module
 
 TINY = ["debug=tiny", "data.num_val=3", "threads=1"]
+# The last state of a command's progress bar: what ran last, all its passes done, the time taken and left.
+PROGRESS = r"{what}: 100%\|[^|]*\| {done}/{done} \[\d\d:\d\d<00:00"
+
+
+def test_policy_random_measures_an_untrained_policy_network_with_progress(tmp_path, capsys):
+    """policy=random, documented for speed rows with a policy network, is accepted; the bar names each stage."""
+    from step_lightning.benchmark import benchmark
+    from step_lightning.measure.presets import build_models, method_configs
+    from step_lightning.tokens.policy import PolicyNet
+
+    overrides = [*TINY, "methods=[dcts@6899]", "policy=random", "resolution=64", "num_images=2", "repeats=2",
+                 "warmup=1", "engines=[packed]", "components=false"]
+    report = benchmark(compose_config(overrides, "benchmark", tmp_path), overrides)
+    assert report["setting"]["policy"] == "random" and report["methods"]["dcts@6899"]["gflops"] > 0
+    # 2 crops of token statistics + 1 GFLOPs trace + 1 memory forward + (1 warm-up + 2 timed passes) x 2 batches
+    err = capsys.readouterr().err
+    assert re.search(PROGRESS.format(what=r"benchmark: timing dcts@6899 packed \(pass 2/2\)", done=10), err)
+    configs = method_configs("benchmark", overrides, ["dcts@6899"], str(tmp_path))
+    model = build_models(configs, 8, 255)["dcts@6899"]
+    assert any(isinstance(m, PolicyNet) for m in model.modules())  # a network scores the windows, not the labels
 
 
 def test_benchmark_outputs_and_monotone_flops(tmp_path):
@@ -58,11 +79,12 @@ def test_tokens_cli_prints_table_and_last_line(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("tokens_mean=") and " reduction=" in lines[-1]
     assert any(line.startswith("| mean |") for line in lines)
+    assert re.search(PROGRESS.format(what=r"token_stats step: tokenizer \(crops 1-3 of 3\)", done=3), result.stderr)
     stats = json.loads((tmp_path / "tokens.json").read_text())["stats"]
     assert stats["images"] == 3 and stats["reduction"] == pytest.approx(16 / stats["total"]["mean"])
 
 
-def test_profile_parts_add_up(tmp_path):
+def test_profile_parts_add_up(tmp_path, capsys):
     from step_lightning.profile_layers import profile
 
     cfg = compose_config(
@@ -81,6 +103,8 @@ def test_profile_parts_add_up(tmp_path):
     assert 0 <= rows["other"]["ms"] < 0.5 * total["ms"]
     assert rows["block 2"]["tokens"] < rows["block 1"]["tokens"] == 16  # half the tokens halted after layer 1
     assert (tmp_path / "profile.png").is_file() and "| block 1 |" in (tmp_path / "profile.md").read_text()
+    what = r"profile_layers step_single: timing per part \(crop 1/1\)"
+    assert re.search(PROGRESS.format(what=what, done=1 + 1 + 3), capsys.readouterr().err)  # GFLOPs, warm-up, 3 runs
 
 
 def test_visualize_writes_pngs(tmp_path):
@@ -95,12 +119,12 @@ def test_visualize_writes_pngs(tmp_path):
 
 def test_halt_head_matches_halted_counts():
     from step_lightning.models.early_exit import EarlyExitSegmenter
+    from step_lightning.models.engine import InferenceOptions
     from step_lightning.models.vit import ViTEncoder
 
     torch.manual_seed(0)
-    model = EarlyExitSegmenter(ViTEncoder("vit_t", 64, depth=3), 5, [1, 2], prune_threshold=1.0).eval()
-    model.force_halt = 0.3
-    out = model(torch.randn(2, 3, 64, 64))
+    model = EarlyExitSegmenter(ViTEncoder("vit_t", 64, depth=3), 5, [1, 2]).eval()
+    out = model(torch.randn(2, 3, 64, 64), options=InferenceOptions(force_halt=0.3))
     halt_head = out.extras["halt_head"]
     assert halt_head.shape == (2, 16)
     assert torch.equal((halt_head == 0).sum(1), out.extras["halted"][:, 0])

@@ -8,7 +8,8 @@ import torch
 
 from step_lightning.config.model import build_model_from_config
 from step_lightning.data.synthetic import make_scene
-from step_lightning.measure.gflops import gflops_per_image
+from step_lightning.measure.gflops import count_gflops
+from step_lightning.models.halting import ForcedHalting
 from tests.helpers import compose_config
 
 
@@ -20,8 +21,7 @@ def test_supertoken_methods_cost_less_than_segvit(tmp_path):
     for method in ("segvit", "cts", "dcts"):
         cfg = compose_config([f"method={method}", "policy=oracle", "crop_size=128", "backbone.depth=2",
                               "backbone.taps=[1,2]"], output_dir=tmp_path)
-        per_image = gflops_per_image(build_model_from_config(cfg, 8), image, labels)
-        gflops[method] = sum(per_image) / len(per_image)
+        gflops[method] = count_gflops(build_model_from_config(cfg, 8), image, labels)["gflops"]
     assert gflops["cts"] < gflops["segvit"]
     assert gflops["dcts"] < gflops["segvit"]
 
@@ -35,7 +35,7 @@ def test_forward_cost_from_token_counts_equals_fvcore_per_image(tmp_path, method
                           "backbone.dtop_heads=[1,2]", "crop_size=128"], output_dir=tmp_path)
     model = build_model_from_config(cfg, num_classes=8).eval()
     if method == "step":
-        model.force_halt = 0.3
+        model.halting = ForcedHalting(0.3)  # the rule the cost model and the forward share
     scenes = [make_scene(seed, 128, 8, 5) for seed in range(3)]
     images = torch.stack([torch.from_numpy(img).permute(2, 0, 1).float() for img, _ in scenes])
     labels = torch.stack([torch.from_numpy(lab.astype(np.int64)) for _, lab in scenes])

@@ -120,7 +120,7 @@ def test_window_grid_matches_mmseg(crop, stride):
 class IdentityModel:
     """Stand-in whose class scores are the image channels themselves: every overlap average is exact."""
 
-    def predict(self, images, labels=None):
+    def predict(self, images, labels=None, options=None):
         return images.clone(), type("Out", (), {"tokens": torch.ones(images.shape[0])})()
 
 

@@ -1,5 +1,5 @@
-"""Early token exit: halting rule, masked (training) vs physical-removal (inference) equivalence, canvas
-semantics, GFLOPs under token removal, training gradients and exit statistics."""
+"""Early token exit: halting rules, physical removal (packed store) vs masking (padded store, dense oracle),
+canvas semantics, GFLOPs under token removal, training gradients and exit statistics."""
 
 from __future__ import annotations
 
@@ -7,14 +7,25 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
+from step_lightning.core import ConfigError
 from step_lightning.measure.gflops import EXTRA_HANDLES, count_gflops
 from step_lightning.metrics import ExitStats
 from step_lightning.models.early_exit import EarlyExitSegmenter
+from step_lightning.models.engine import InferenceOptions, Tokens, TokenStore
 from step_lightning.models.factory import ModelSpec, build_model
-from step_lightning.models.halting import forced_halting_mask, halting_mask
+from step_lightning.models.halting import (
+    ConfidenceHalting,
+    HaltingRule,
+    forced_halting_mask,
+    halting_mask,
+)
 from step_lightning.models.loss import ATMLoss
-from step_lightning.models.tokenizer import SupertokenTokenizer
+from step_lightning.models.packed import Packing
+from step_lightning.models.tokenizer import DCTSTokenizer
 from step_lightning.models.vit import ViTEncoder
+from tests.reference import masked_forward
+
+PACKED, PADDED = InferenceOptions(), InferenceOptions(engine="padded")
 
 NUM_CLASSES = 4
 
@@ -22,7 +33,7 @@ NUM_CLASSES = 4
 def make_model(prune_heads=(1, 2), tokenizer=None, seed: int = 0) -> EarlyExitSegmenter:
     torch.manual_seed(seed)
     encoder = ViTEncoder("vit_t", img_size=64, depth=4, drop_path_rate=0.0)
-    model = EarlyExitSegmenter(encoder, NUM_CLASSES, prune_heads, tokenizer, keep_top_k=2)
+    model = EarlyExitSegmenter(encoder, NUM_CLASSES, prune_heads, tokenizer, ConfidenceHalting(0.9, keep_top_k=2))
     # Random heads are unsure about everything; sharper presence logits spread the confidences.
     for head in model.heads:
         head.class_embed.weight.data.mul_(50)
@@ -30,11 +41,15 @@ def make_model(prune_heads=(1, 2), tokenizer=None, seed: int = 0) -> EarlyExitSe
 
 
 def first_exit_confidences(model: EarlyExitSegmenter, images, labels=None) -> torch.Tensor:
-    threshold, model.prune_threshold = model.prune_threshold, 1.0
+    rule, model.halting = model.halting, HaltingRule()
     with torch.no_grad():
-        out = model.forward_masked(images, labels).outputs[0]
-    model.prune_threshold = threshold
+        out = masked_forward(model, images, labels)["outputs"][0]
+    model.halting = rule
     return model.heads[0].semantic_scores(out["class_logits"], out["mask_logits"]).amax(1).flatten(1)
+
+
+def set_threshold(model: EarlyExitSegmenter, threshold: float) -> None:
+    model.halting = ConfidenceHalting(threshold, model.halting.keep_top_k)
 
 
 def block_labels(batch: int, size: int) -> torch.Tensor:
@@ -88,26 +103,30 @@ def test_forced_halting_halts_exact_fraction_of_most_confident():
 # ---------------------------------------------------------------- masked training path == physical removal
 
 
-def check_pruned_matches_masked(model: EarlyExitSegmenter, images, labels=None) -> torch.Tensor:
-    """Both inference engines (packed, padded reference) against the masked training computation: halted and
-    active counts equal, every head's scores equal; the two engines' ``halt_head`` equal and consistent."""
+def check_pruned_matches_masked(model: EarlyExitSegmenter, images, labels=None,
+                                options: InferenceOptions = PACKED) -> torch.Tensor:
+    """Both stores (packed: halted tokens removed; padded: halted tokens masked) against the dense masked
+    oracle: halted and active counts equal, every head's scores equal; the stores' ``halt_head`` equal and
+    consistent."""
     with torch.no_grad():
-        masked = model.forward_masked(images, labels)
-        runs = {}
-        for engine in ("packed", "padded"):
-            model.engine = engine
-            runs[engine] = model(images, labels)
-        model.engine = "packed"
+        masked = masked_forward(model, images, labels) if options.force_halt is None else None
+        runs = {store: model(images, labels, InferenceOptions(engine=store, force_halt=options.force_halt))
+                for store in ("packed", "padded")}
     for pruned in runs.values():
-        assert torch.equal(pruned.extras["halted"], masked.extras["halted"])
-        assert torch.equal(pruned.extras["active_after"], masked.extras["active_after"])
-        assert len(pruned.outputs) == len(masked.outputs)
-        for p, m in zip(pruned.outputs, masked.outputs, strict=True):
-            torch.testing.assert_close(model.head_scores(p), model.head_scores(m), atol=1e-4, rtol=0)
+        if masked is not None:
+            assert torch.equal(pruned.extras["halted"], masked["halted"])
+            assert torch.equal(pruned.extras["active_after"], masked["active_after"])
+            ran = [o for i, o in enumerate(masked["outputs"]) if i == model.num_exits or model.halting.can_halt(i)]
+            assert len(pruned.outputs) == len(ran)
+            for p, m in zip(pruned.outputs, ran, strict=True):
+                torch.testing.assert_close(model.head_scores(p), model.head_scores(m), atol=1e-4, rtol=0)
         halt_head = pruned.extras["halt_head"]
         for i in range(model.num_exits):
             assert torch.equal((halt_head == i).sum(1), pruned.extras["halted"][:, i])
     assert torch.equal(runs["packed"].extras["halt_head"], runs["padded"].extras["halt_head"])
+    assert torch.equal(runs["packed"].extras["halted"], runs["padded"].extras["halted"])
+    for p, m in zip(runs["packed"].outputs, runs["padded"].outputs, strict=True):
+        torch.testing.assert_close(p["mask_logits"], m["mask_logits"], atol=1e-5, rtol=0)
     return runs["packed"].extras["active_after"]
 
 
@@ -115,7 +134,7 @@ def check_pruned_matches_masked(model: EarlyExitSegmenter, images, labels=None) 
 def test_pruned_inference_matches_masked_patch_tokens(batch):
     model = make_model()
     images = torch.randn(batch, 3, 128, 128)
-    model.prune_threshold = first_exit_confidences(model, images).median().item()
+    set_threshold(model, first_exit_confidences(model, images).median().item())
     active = check_pruned_matches_masked(model, images)
     assert (active[:, -1] < 64).all()  # tokens did halt
     if batch == 3:
@@ -123,9 +142,9 @@ def test_pruned_inference_matches_masked_patch_tokens(batch):
 
 
 def test_pruned_inference_matches_masked_supertokens():
-    model = make_model(tokenizer=SupertokenTokenizer("dcts", policy=None))
+    model = make_model(tokenizer=DCTSTokenizer(policy=None))
     images, labels = torch.randn(3, 3, 128, 128), block_labels(3, 128)
-    model.prune_threshold = first_exit_confidences(model, images, labels).median().item()
+    set_threshold(model, first_exit_confidences(model, images, labels).median().item())
     with torch.no_grad():
         tokens = model(images, labels).tokens
     assert len(set(tokens.tolist())) > 1 and (tokens < 64).all()  # merged, padded supertoken batch
@@ -133,37 +152,47 @@ def test_pruned_inference_matches_masked_supertokens():
     assert (active[:, -1] < tokens).any()
 
 
-@pytest.mark.parametrize("engine", ["padded", "packed"])
-def test_threshold_one_is_no_early_exit(engine):
-    """Bit for bit on the padded reference; to float rounding on the packed engine (one mask-logit GEMM)."""
+@pytest.mark.parametrize("store", ["padded", "packed"])
+def test_threshold_one_is_no_early_exit(store):
+    """Exit heads that cannot halt are skipped at inference; the final head sees every token."""
     model = make_model()
-    model.prune_threshold = 1.0
-    model.engine = engine
+    set_threshold(model, 1.0)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        out = model(images)
-        x = model.encoder.forward_blocks(model.encoder.embed(images))
-        reference = model.heads[-1]([x])[0]
-        masked = model.forward_masked(images)
-    tolerance = {"atol": 0, "rtol": 0} if engine == "padded" else {"atol": 1e-5, "rtol": 0}
-    torch.testing.assert_close(out.outputs[-1]["class_logits"], reference["class_logits"], **tolerance)
-    torch.testing.assert_close(out.outputs[-1]["mask_logits"].flatten(2), reference["mask_logits"], **tolerance)
+        out = model(images, options=InferenceOptions(engine=store))
+        reference = masked_forward(model, images)
+    torch.testing.assert_close(out.outputs[-1]["class_logits"], reference["outputs"][-1]["class_logits"],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.outputs[-1]["mask_logits"], reference["outputs"][-1]["mask_logits"],
+                               atol=1e-5, rtol=0)
     assert len(out.outputs) == 1  # exit heads that cannot halt are skipped at inference
-    for o in (out, masked):
-        assert not o.extras["halted"].any()
-        assert (o.extras["active_after"] == 16).all()
+    assert not out.extras["halted"].any() and not reference["halted"].any()
+    assert (out.extras["active_after"] == 16).all()
+
+
+class Recording(HaltingRule):
+    """Wraps a rule and keeps each decision."""
+
+    def __init__(self, rule):
+        self.rule, self.decisions = rule, []
+
+    def can_halt(self, exit_index):
+        return self.rule.can_halt(exit_index)
+
+    def decide(self, exit_index, scores, valid):
+        self.decisions.append(self.rule.decide(exit_index, scores, valid) & valid)
+        return self.decisions[-1]
 
 
 def test_halted_tokens_keep_the_logits_of_the_head_that_halted_them():
     model = make_model()
     images = torch.randn(2, 3, 128, 128)
-    model.prune_threshold = first_exit_confidences(model, images).quantile(0.3).item()
-    masks, halt = [], model.halt
-    model.halt = lambda *a: masks.append(halt(*a)) or masks[-1]
+    set_threshold(model, first_exit_confidences(model, images).quantile(0.3).item())
+    model.halting = Recording(model.halting)
     with torch.no_grad():
-        out = model.forward_masked(images)
+        out = model(images, options=PADDED)  # the padded store keeps token positions: decisions line up
     canvases = [o["mask_logits"].flatten(2) for o in out.outputs]
-    halted0, halted1 = masks
+    halted0, halted1 = model.halting.decisions
     assert halted0.any() and halted1.any()
     final = canvases[-1].transpose(1, 2)
     assert torch.equal(final[halted0], canvases[0].transpose(1, 2)[halted0])
@@ -174,15 +203,26 @@ def test_halted_tokens_keep_the_logits_of_the_head_that_halted_them():
     torch.testing.assert_close(model.head_scores(out.outputs[-1]),
                                model.heads[-1].semantic_scores(out.outputs[-1]["class_logits"], canvases[-1])
                                .unflatten(-1, (8, 8)))
+    with torch.no_grad():
+        packed = model(images)
+    torch.testing.assert_close(packed.outputs[-1]["mask_logits"], out.outputs[-1]["mask_logits"], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- GFLOPs follow the shorter sequences
 
 
+class OneBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x[0], Packing.regular(1, x.shape[1], x.device))
+
+
 def block_gflops(model: EarlyExitSegmenter, length: int) -> float:
-    block = model.encoder.blocks[0]
     x = torch.randn(1, length, model.encoder.embed_dim)
-    analysis = FlopCountAnalysis(block, (x,)).set_op_handle(**EXTRA_HANDLES)
+    analysis = FlopCountAnalysis(OneBlock(model.encoder.blocks[0]), (x,)).set_op_handle(**EXTRA_HANDLES)
     analysis.unsupported_ops_warnings(False).tracer_warnings("none")
     return analysis.total() / 1e9
 
@@ -192,8 +232,7 @@ def test_gflops_fall_with_forced_halting_and_count_short_sequences():
     image = torch.randn(1, 3, 128, 128)
     results = {}
     for frac in (0.0, 0.2, 0.4, 0.8):
-        model.force_halt = frac
-        results[frac] = count_gflops(model, image)
+        results[frac] = count_gflops(model, image, options=InferenceOptions(force_halt=frac))
     totals = [r["gflops"] for r in results.values()]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
     patch_embed = results[0.0]["by_module"]["encoder"] - 4 * block_gflops(model, 64)
@@ -206,12 +245,23 @@ def test_gflops_fall_with_forced_halting_and_count_short_sequences():
 # ---------------------------------------------------------------- training
 
 
+class HalfThenConfident(HaltingRule):
+    """Half the tokens at the first exit, then DToP's rule at threshold 0 (down to top-k per class)."""
+
+    def can_halt(self, exit_index):
+        return True
+
+    def decide(self, exit_index, scores, valid):
+        if exit_index == 0:
+            return forced_halting_mask(scores, valid, 0.5)
+        return halting_mask(scores, valid, 0.0, 2)
+
+
 def test_training_step_gives_gradients_to_every_head():
     model = make_model().train()
     images = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, NUM_CLASSES, (2, 64, 64))
-    model.force_halt = 0.5
-    model.prune_threshold = 0.0  # the second exit halts by the rule, down to top-k per class
+    model.halting = HalfThenConfident()
     out = model(images, labels)
     assert len(out.outputs) == 3
     assert out.outputs[0]["mask_logits"].shape == (2, NUM_CLASSES, 4, 4)
@@ -228,10 +278,8 @@ def test_invalid_settings_are_rejected():
     encoder = ViTEncoder("vit_t", img_size=64, depth=4, drop_path_rate=0.0)
     with pytest.raises(ValueError, match="prune_heads"):
         EarlyExitSegmenter(encoder, NUM_CLASSES, [4])
-    model = make_model()
-    model.force_halt = 1.0
-    with pytest.raises(ValueError, match="force_halt"):
-        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match="force_halt"):
+        InferenceOptions(force_halt=1.0)
 
 
 # ---------------------------------------------------------------- statistics
@@ -251,9 +299,8 @@ def test_exit_stats():
 
 def test_exit_stats_from_model_output():
     model = make_model()
-    model.force_halt = 0.25
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 64, 64))
+        out = model(torch.randn(2, 3, 64, 64), options=InferenceOptions(force_halt=0.25))
     stats = ExitStats()
     stats.update(out.extras["halted"], out.tokens)
     assert stats.compute()["per_head"][0] == {"halted_mean": 4.0, "halted_max": 4.0, "halted_min": 4.0}
@@ -272,9 +319,11 @@ def test_halting_decides_in_fp32_on_bf16_outputs():
     class_logits = torch.tensor([[[10.0, -10.0], [-10.0, 10.0]]], dtype=torch.bfloat16)
     mask_logits = torch.full((1, 2, 4), -10.0, dtype=torch.bfloat16)
     mask_logits[0, 0] = 2.203125
-    head_out = {"class_logits": class_logits, "mask_logits": mask_logits}
-    halted = model.halt(0, head_out, torch.ones(1, 4, dtype=torch.bool))
-    assert halted.all()
+    head_out = {"class_logits": class_logits, "mask_logits": mask_logits.transpose(1, 2)}  # dense [B, L, K]
+    packing = Packing.regular(1, 4, "cpu")
+    store = TokenStore.start(Tokens(torch.zeros(4, 8, dtype=torch.bfloat16), packing, None, None), 2, masked=False)
+    store = store.decide(model.halting, 0, model.heads[0], head_out)
+    assert store.halted[0].tolist() == [4]
 
 
 def test_exit_head_depth_is_an_option():
@@ -288,5 +337,4 @@ def test_exit_head_depth_is_an_option():
     default = build_model(ModelSpec(**{**spec.to_dict(), "exit_head_layers": 3}))
     extra = set(default.state_dict()) - set(model.state_dict())
     assert extra and all(key.startswith(("heads.0.stages.0.layers.1.", "heads.0.stages.0.layers.2.")) for key in extra)
-    model.force_halt = 0.5
-    check_pruned_matches_masked(model, torch.randn(2, 3, 64, 64))
+    check_pruned_matches_masked(model, torch.randn(2, 3, 64, 64), options=InferenceOptions(force_halt=0.5))

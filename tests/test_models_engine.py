@@ -1,21 +1,28 @@
-"""The packed inference engine against the padded reference: equal outputs per image for every method, batch
-composition and bucket; exactly the documented host reads; static shapes between reads; compilable segments."""
+"""The one forward: the packed store against the padded store and the dense oracle (tests/reference.py) for every
+method, batch composition and bucket, in inference and in training (loss and every gradient); exactly the
+documented host reads; static shapes between reads; compilable segments; halting rules as objects."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
+from step_lightning.core import ConfigError
 from step_lightning.measure.dispatch import DispatchCounter
 from step_lightning.models import engine
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.factory import ModelSpec, build_model
+from step_lightning.models.halting import ConfidenceHalting, HaltingRule, register_rule
+from step_lightning.models.loss import ATMLoss
 from step_lightning.models.packed import bucket, ladder
 from step_lightning.tokens.layout import dcts_layout
 from step_lightning.tokens.policy import OraclePolicy
 from step_lightning.tokens.tau import parse_tau
+from tests.reference import masked_forward
 
 NUM_CLASSES = 4
 METHODS = {
@@ -27,7 +34,23 @@ METHODS = {
     "step_net": {"tokenizer": "dcts", "tau": 4999, "prune_heads": (2,), "policy": "net"},
     "cts_net": {"tokenizer": "cts", "policy": "net"},
     "cts_dtop": {"tokenizer": "cts", "prune_heads": (2,)},
+    "dcts_budget": {"tokenizer": "dcts", "tau": 6899, "budget": 0.5},
+    "step_budget": {"tokenizer": "dcts", "tau": 6899, "prune_heads": (1, 2), "budget": 0.5, "halt_budget": 0.3},
+    "step_net_budget": {"tokenizer": "dcts", "tau": 4999, "prune_heads": (2,), "policy": "net", "budget": 0.4,
+                        "halt_budget": 0.4},
 }
+BUDGETS = [m for m in METHODS if "budget" in METHODS[m]]
+PACKED, PADDED = InferenceOptions(), InferenceOptions(engine="padded")
+FAST = InferenceOptions(fast=True)  # on CPU: eager segments on bucketed sizes, the fused policy
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
+    return model
 
 
 def build(method: str, depth: int = 3, size: int = 128, **more):
@@ -36,16 +59,16 @@ def build(method: str, depth: int = 3, size: int = 128, **more):
     spec = ModelSpec(backbone="vit_t", num_classes=NUM_CLASSES, img_size=size, depth=depth, drop_path_rate=0.0,
                      taps=tuple(range(1, depth + 1))[-3:], **options)
     model = build_model(spec).eval()
-    if spec.prune_heads:
+    if spec.prune_heads and spec.halt_budget is None:
         for head in model.heads:  # random heads are unsure: sharper presence logits spread the confidences
             head.class_embed.weight.data.mul_(50)
         # halt about half the tokens of a typical image at the first exit
         images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-        model.prune_threshold = 1.0
+        model.halting = HaltingRule()
         with torch.no_grad():
-            out = model.forward_masked(images, scene_labels(2, size)).outputs[0]
+            out = masked_forward(model, images, scene_labels(2, size))["outputs"][0]
         confidence = model.heads[0].semantic_scores(out["class_logits"], out["mask_logits"]).amax(1)
-        model.prune_threshold = confidence.median().item()
+        model.halting = ConfidenceHalting(confidence.median().item(), spec.keep_top_k)
     return model
 
 
@@ -87,11 +110,9 @@ def close_token_counts(n: int = 8, size: int = 512) -> list[torch.Tensor]:
     raise AssertionError("no label maps with close token counts")
 
 
-def run(model, images, labels, engine_name: str):
-    model.engine = engine_name
+def run(model, images, labels, options=PACKED):
     with torch.no_grad():
-        scores, out = model.predict(images, labels)
-    return scores, out
+        return model.predict(images, labels, options)
 
 
 def assert_same(packed, padded, atol: float = 1e-5):
@@ -113,14 +134,30 @@ def assert_same(packed, padded, atol: float = 1e-5):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def assert_matches_oracle(model, images, labels, out, atol: float = 1e-5):
+    """Every head output that ran equals the dense oracle's (inference skips exits that cannot halt)."""
+    with torch.no_grad():
+        oracle = masked_forward(model, images, labels)
+    ran = oracle["outputs"]
+    if model.exit_layers:
+        ran = [o for i, o in enumerate(ran) if i == model.num_exits or model.halting.can_halt(i)]
+        assert torch.equal(out.extras["halted"], oracle["halted"])
+        assert torch.equal(out.extras["active_after"], oracle["active_after"])
+    assert len(out.outputs) == len(ran)
+    for a, b in zip(out.outputs, ran, strict=True):
+        torch.testing.assert_close(a["class_logits"], b["class_logits"], atol=atol, rtol=0)
+        torch.testing.assert_close(a["mask_logits"], b["mask_logits"], atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_packed_engine_equals_padded_reference(method, batch):
+def test_packed_store_equals_padded_store_and_the_dense_oracle(method, batch):
     model = build(method)
     images, labels = torch.randn(batch, 3, 128, 128), scene_labels(batch, 128)
-    padded, packed = run(model, images, labels, "padded"), run(model, images, labels, "packed")
+    padded, packed = run(model, images, labels, PADDED), run(model, images, labels)
     assert_same(packed, padded)
-    if batch == 3 and METHODS[method].get("tokenizer") == "dcts" and "policy" not in METHODS[method]:
+    assert_matches_oracle(model, images, labels, packed[1])
+    if batch == 3 and METHODS[method].get("tokenizer") == "dcts" and not {"policy", "budget"} & set(METHODS[method]):
         assert len(set(packed[1].tokens.tolist())) == 3  # very different token counts in one batch
     if "prune_heads" in METHODS[method]:
         assert packed[1].extras["halted"].sum() > 0  # tokens did halt
@@ -129,16 +166,16 @@ def test_packed_engine_equals_padded_reference(method, batch):
 def test_non_square_images():
     model = build("step")
     images, labels = torch.randn(2, 3, 96, 160), scene_labels(2, 160)[..., :96, :]
-    assert_same(run(model, images, labels, "packed"), run(model, images, labels, "padded"))
+    assert_same(run(model, images, labels), run(model, images, labels, PADDED))
 
 
 def test_an_image_alone_equals_the_same_image_in_a_batch():
     model = build("step")
     images, labels = torch.randn(3, 3, 128, 128), scene_labels(3, 128)
-    scores, out = run(model, images, labels, "packed")
+    scores, out = run(model, images, labels)
     assert len(set(out.tokens.tolist())) == 3
     for i in range(3):
-        alone_scores, alone = run(model, images[i : i + 1], labels[i : i + 1], "packed")
+        alone_scores, alone = run(model, images[i : i + 1], labels[i : i + 1])
         torch.testing.assert_close(alone_scores[0], scores[i], atol=1e-5, rtol=0)
         assert torch.equal(alone.extras["halted"][0], out.extras["halted"][i])
         n = int(out.tokens[i])
@@ -153,23 +190,22 @@ def test_outputs_do_not_depend_on_the_bucket(method, monkeypatch):
 
     def shifted(steps):
         def pick(n, cap=None):
-            if steps < 0:
-                return n
             sizes = ladder(10 * max(n, 64))
             return sizes[sizes.index(bucket(n)) + steps]
 
         return pick
 
-    results = []
-    for steps in (-1, 0, 1, 2):
+    results = [run(model, images, labels)]  # exact sizes
+    for steps in (0, 1, 2):
         monkeypatch.setattr(engine, "bucket", shifted(steps))
-        results.append(run(model, images, labels, "packed"))
+        results.append(run(model, images, labels, FAST))
     for other in results[1:]:
         assert_same(other, results[0])
-    assert_same(results[0], run(model, images, labels, "padded"))
+    assert_same(results[0], run(model, images, labels, PADDED))
 
 
-READS = {"segvit": 0, "cts": 0, "cts_net": 0, "dcts": 1, "dtop": 2, "step": 3, "step_net": 2, "cts_dtop": 1}
+READS = {"segvit": 0, "cts": 0, "cts_net": 0, "dcts": 1, "dtop": 2, "step": 3, "step_net": 2, "cts_dtop": 1,
+         "dcts_budget": 0, "step_budget": 0, "step_net_budget": 0}
 
 
 @pytest.mark.parametrize("method", list(READS))
@@ -179,23 +215,28 @@ def test_host_reads_are_exactly_the_documented_ones(method):
     with torch.no_grad(), DispatchCounter() as counter:
         model(images, labels)
     assert counter.host_reads == [("read", "tolist")] * READS[method]
-    if model.exit_layers:  # an exit that cannot halt costs no read
-        model.prune_threshold, model.force_halt = 1.0, 0.3
+    with torch.no_grad(), DispatchCounter() as counter:
+        model(images, labels, PADDED)  # the padded store reads only dCTS's longest image (none with a budget)
+    assert len(counter.host_reads) == int(METHODS[method].get("tokenizer") == "dcts" and method not in BUDGETS)
+    if model.exit_layers and method not in BUDGETS:  # an exit that cannot halt costs no read
         with torch.no_grad(), DispatchCounter() as counter:
-            model(images, labels)
+            model(images, labels, InferenceOptions(force_halt=0.3))
         assert len(counter.host_reads) == READS[method] - model.num_exits + 1
+        model.train()  # training: one read per exit that halts, as at inference
+        with DispatchCounter() as counter:
+            model(images, labels)
+        assert counter.host_reads == [("read", "tolist")] * READS[method]
 
 
 @pytest.mark.parametrize("method", ["dcts", "step"])
 def test_close_token_counts_run_few_distinct_static_programs(method):
     model = build(method, depth=2, size=512, **({"prune_heads": (1,)} if method == "step" else {}))
-    if model.exit_layers:
-        model.force_halt = 0.5
+    options = replace(FAST, force_halt=0.5 if model.exit_layers else None)
     images = torch.randn(1, 3, 512, 512)
     sequences, counts = set(), set()
     for labels in close_token_counts(8, 512):
         with torch.no_grad(), DispatchCounter(record=True) as counter:
-            out = model(images, labels)
+            out = model(images, labels, options)
         counts.add(int(out.tokens[0]))
         sequences.add(tuple(counter.sequence))
     assert len(counts) == 8 and max(counts) <= 1.1 * min(counts)
@@ -209,13 +250,11 @@ def test_every_segment_traces_as_one_graph(method):
 
     model = build(method)
     images, labels = torch.randn(2, 3, 128, 128), scene_labels(2, 128)
-    reference = run(model, images, labels, "packed")
-    model.fast, model.fast_backend = True, "compile:eager"
+    reference = run(model, images, labels, FAST)
     torch._dynamo.reset()
     try:
-        compiled = run(model, images, labels, "packed")
+        compiled = run(model, images, labels, replace(FAST, fast_backend="compile:eager"))
     finally:
-        model.fast = False
         engine.reset(model)
     assert_same(compiled, reference)
 
@@ -223,33 +262,18 @@ def test_every_segment_traces_as_one_graph(method):
 def test_fast_on_cpu_runs_the_fused_policy_eagerly():
     model = build("step_net")
     images = torch.randn(2, 3, 128, 128)
-    reference = run(model, images, None, "packed")
+    reference = run(model, images, None)
     keys = set(model.state_dict())
-    model.fast = True
-    fast = run(model, images, None, "packed")
-    assert engine.policy_for(model) is not model.tokenizer.policy  # the fused copy, cached outside the state
+    fast = run(model, images, None, FAST)
+    assert engine.policy_for(model, True) is not model.tokenizer.policy  # the fused copy, cached outside the state
     assert set(model.state_dict()) == keys
     assert_same(fast, reference)
 
 
-def test_engine_switch():
-    model = build("step")
-    images, labels = torch.randn(1, 3, 64, 64), scene_labels(1, 64)
-    model.engine = "nope"
-    with pytest.raises(ValueError, match="engine"):
-        model(images, labels)
-    model.engine = "packed"
-    model.train()
-    calls = []
-    original = engine.packed_forward
-    engine.packed_forward = lambda *a: calls.append(a)
-    try:
-        out = model(images, labels)  # training: the static masked computation, never the engine
-    finally:
-        engine.packed_forward = original
-    assert not calls and len(out.outputs) == 3
-    with pytest.raises(RuntimeError, match="inference only"):
-        engine.packed_forward(model, images, labels)
+def test_inference_options_are_checked():
+    for bad in ({"engine": "nope"}, {"fast_backend": "nope"}, {"force_halt": 1.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            InferenceOptions(**bad)
 
 
 class ReplayRunner(engine.SegmentRunner):
@@ -260,8 +284,7 @@ class ReplayRunner(engine.SegmentRunner):
     def __init__(self):
         super().__init__("cudagraphs")
 
-    @staticmethod
-    def _capture(fn, static_args):
+    def _capture(self, fn, static_args):
         out = fn(*static_args)
         return (fn, static_args, out), out
 
@@ -281,17 +304,208 @@ def test_graph_runner_captures_once_per_bucket_and_keeps_outputs(method, monkeyp
     monkeypatch.setattr(engine, "segment_runner", lambda *a: runner)
     labels = scene_labels(1, 128)
     images = torch.randn(3, 1, 3, 128, 128)
-    eager = [run(model, x, labels, "packed") for x in images]
-    model.fast = True
-    first = [run(model, x, labels, "packed") for x in images]  # the same buckets: one capture per segment
+    eager = [run(model, x, labels, FAST) for x in images]  # the replay runner captured on the first call
     captures = runner.captures
     assert captures == {"segvit": 1, "step": 4}[method]  # step: tokens, stage 0, stage 1, final
-    second = run(model, images[0], labels, "packed")
+    second = run(model, images[0], labels, FAST)
     assert runner.captures == captures
-    for out, reference in zip([*first, second], [*eager, eager[0]], strict=True):
+    for out, reference in zip([*eager[1:], second], [*eager[1:], eager[0]], strict=True):
         assert_same(out, reference)  # earlier outputs were not overwritten by later replays
-    model.prune_threshold = 0.0  # a setting baked into the graphs: new captures, new outputs
-    changed = run(model, images[0], labels, "packed")
-    assert runner.captures > captures
-    model.fast = False
-    assert_same(changed, run(model, images[0], labels, "packed"))
+    monkeypatch.undo()
+    for out, x in zip(eager, images, strict=True):
+        assert_same(out, run(model, x, labels, FAST))  # replayed graphs == eager segments
+    if model.exit_layers:  # a setting baked into the graphs: new captures, new outputs
+        monkeypatch.setattr(engine, "segment_runner", lambda *a: runner)
+        model.halting = ConfidenceHalting(0.0, 5)
+        changed = run(model, images[0], labels, FAST)
+        assert runner.captures > captures
+        monkeypatch.undo()
+        assert_same(changed, run(model, images[0], labels, FAST))
+
+
+# ---------------------------------------------------------------- training on packed tokens
+
+
+TRAINED = ["segvit", "cts", "dcts", "dtop", "step", "step_net", "cts_net"]
+
+
+@pytest.mark.parametrize("method", TRAINED)
+def test_packed_training_equals_masked_training(method):
+    """Loss and every parameter's gradient of a training step on packed tokens (halted tokens leave the sequence)
+    equal the dense masked computation's (halted tokens carried and masked), fp32, very different token counts."""
+    model = no_dropout(build(method)).train()
+    images, labels = torch.randn(3, 3, 128, 128), scene_labels(3, 128)
+    criterion = ATMLoss(NUM_CLASSES)
+    out = model(images, labels)
+    assert len(out.outputs) == (len(model.stages) if model.exit_layers else len(model.taps))
+    loss = criterion(out.outputs, labels)["loss"]
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    oracle = masked_forward(model, images, labels)
+    oracle_loss = criterion(oracle["outputs"], labels)["loss"]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    oracle_grads = torch.autograd.grad(oracle_loss, [p for _, p in params], allow_unused=True)
+    torch.testing.assert_close(loss, oracle_loss, atol=1e-5, rtol=1e-5)
+    if model.exit_layers:
+        assert out.extras["halted"].sum() > 0 and torch.equal(out.extras["halted"], oracle["halted"])
+    for (name, _), grad, expected in zip(params, grads, oracle_grads, strict=True):
+        assert (grad is None) == (expected is None), name
+        if grad is not None:
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_drop_path_drops_whole_images_in_training():
+    """Per image, as timm's DropPath on [B, N, C]: an image's rows all keep or all lose a block's branch."""
+    torch.manual_seed(0)
+    model = build("dcts")
+    block = model.encoder.blocks[0].train()
+    block.drop_path1.drop_prob = block.drop_path2.drop_prob = 0.5
+    from step_lightning.models.packed import Packing
+
+    counts = torch.tensor([5, 9, 3, 7])
+    packing = Packing.from_counts(counts, 32, 9)
+    x = torch.randn(32, 192)
+    kept = set()
+    for _ in range(8):
+        out = block(x, packing)
+        changed = (out - x).abs().sum(1) > 0
+        for span in torch.split(changed[: int(counts.sum())], counts.tolist()):
+            assert span.all() or not span.any()
+            kept.add(bool(span.all()))
+    assert kept == {True, False}
+
+
+# ---------------------------------------------------------------- method parts as objects
+
+
+@dataclass(frozen=True)
+class EntropyHalting(HaltingRule):
+    """A rule of the test's own: a token halts when its class distribution's entropy is below a bound."""
+
+    bound: float = 0.5
+    name = "entropy"
+
+    @classmethod
+    def from_spec(cls, spec):
+        return cls(spec.prune_threshold)
+
+    def can_halt(self, exit_index: int) -> bool:
+        return True
+
+    def decide(self, exit_index, scores, valid):
+        p = scores / scores.sum(1, keepdim=True).clamp(min=1e-12)
+        entropy = -(p * p.clamp(min=1e-12).log()).sum(1)
+        return valid & (entropy < self.bound)
+
+
+def test_a_new_halting_rule_is_one_registered_class():
+    register_rule(EntropyHalting)
+    spec = ModelSpec(backbone="vit_t", num_classes=NUM_CLASSES, img_size=64, depth=3, drop_path_rate=0.0,
+                     prune_heads=(1,), halting="entropy", prune_threshold=1.0)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    assert model.halting == EntropyHalting(1.0)
+    images = torch.randn(2, 3, 64, 64)
+    scores, out = run(model, images, None)
+    assert_same((scores, out), run(model, images, None, PADDED))
+    assert_matches_oracle(model, images, None, out)
+    with pytest.raises(ConfigError, match="halting=nope"):
+        build_model(ModelSpec(**{**spec.to_dict(), "halting": "nope"}))
+
+
+def test_graph_settings_come_from_the_tokenizer_and_rule_objects():
+    model = build("step")
+    key = engine.settings_key(model, model.halting)
+    model.tokenizer.thresholds = (0.5, 0.5, 0.5, 0.5)
+    assert engine.settings_key(model, model.halting) != key
+    assert engine.settings_key(model, ConfidenceHalting(0.1, 5)) != engine.settings_key(model, model.halting)
+
+
+def test_alternating_options_keep_each_runner_and_its_graphs():
+    model = build("segvit")
+    device = torch.device("cpu")
+    compiled = replace(FAST, fast_backend="compile:eager")
+    first = engine.segment_runner(model, device, compiled)
+    assert engine.segment_runner(model, device, PACKED) is not first
+    assert engine.segment_runner(model, device, compiled) is first  # not a fresh runner: nothing re-captured
+
+
+@dataclass(frozen=True)
+class StaticForced(HaltingRule):
+    """The forced fraction at every exit, its survivors bounded from shapes (a static rule)."""
+
+    fraction: float = 0.5
+    name = "static_forced"
+    static = True
+
+    def can_halt(self, exit_index):
+        return True
+
+    def decide(self, exit_index, scores, valid):
+        from step_lightning.models.halting import forced_halting_mask
+
+        return forced_halting_mask(scores, valid, self.fraction)
+
+    def survivors(self, exit_index, length):
+        return length - round(self.fraction * length)
+
+
+@pytest.mark.parametrize("method", ["dtop", "step"])
+def test_a_static_rule_halts_without_host_reads(method):
+    """Survivors bounded from shapes leave at once: no read after the exits, the same outputs as the padded store
+    and the dense oracle, at inference and in training."""
+    model = build(method)
+    model.halting = StaticForced(0.5)
+    images, labels = torch.randn(3, 3, 128, 128), scene_labels(3, 128)
+    with torch.no_grad(), DispatchCounter() as counter:
+        packed = model.predict(images, labels)
+    assert len(counter.host_reads) == int(method == "step")  # dCTS's token count only
+    assert_same(packed, run(model, images, labels, PADDED))
+    assert_matches_oracle(model, images, labels, packed[1])
+    assert packed[1].extras["halted"].sum() > 0
+
+
+@pytest.mark.parametrize("method", ["dcts_budget", "step_budget"])
+def test_with_budgets_images_of_any_content_run_one_static_program(method):
+    """Both budgets: no host read, and eight images with different content dispatch one sequence of (op, shapes)."""
+    model = build(method, depth=2, size=512, **({"prune_heads": (1,)} if "step" in method else {}))
+    images = torch.randn(1, 3, 512, 512)
+    sequences, counts = set(), set()
+    for labels in close_token_counts(8, 512):
+        with torch.no_grad(), DispatchCounter(record=True) as counter:
+            out = model(images, labels)
+        assert counter.host_reads == []
+        counts.add(int(out.tokens[0]))
+        sequences.add(tuple(counter.sequence))
+    assert len(sequences) == 1 and len(counts) > 1  # different real counts, one program
+
+
+@pytest.mark.parametrize("method", ["step_budget", "step_net_budget"])
+def test_with_budgets_the_forward_compiles_as_one_graph(method):
+    import torch._dynamo
+
+    model = build(method)
+    images, labels = torch.randn(2, 3, 128, 128), scene_labels(2, 128)
+    reference = run(model, images, labels)
+    torch._dynamo.reset()
+    runner = engine.segment_runner(model, images.device, replace(FAST, fast_backend="compile:eager"))
+    try:
+        compiled = run(model, images, labels, replace(FAST, fast_backend="compile:eager"))
+    finally:
+        engine.reset(model)
+    assert_same(compiled, reference)
+    assert len(runner.compiled) == 1  # one segment: the whole forward, no read to split it
+
+
+def test_budgets_are_inference_options_of_a_trained_model():
+    """A model trained without budgets takes them at inference (no retraining): the token count and the halted
+    fraction follow the options; without them it is the model it was."""
+    model = build("step")
+    images, labels = torch.randn(2, 3, 128, 128), scene_labels(2, 128)
+    plain = run(model, images, labels)
+    budgeted = run(model, images, labels, InferenceOptions(budget=0.5, halt_budget=0.25))
+    assert (budgeted[1].tokens <= 32).all()
+    active = budgeted[1].extras["active_after"]
+    assert torch.equal(active[:, 0], budgeted[1].tokens - (0.25 * budgeted[1].tokens).round().long())
+    assert_same(run(model, images, labels), plain)
+    with pytest.raises(ConfigError, match="budget=0.5 sets dCTS"):
+        run(build("dtop"), images, labels, InferenceOptions(budget=0.5))

@@ -1,15 +1,16 @@
-"""Packed token rows: the bucket ladder, row bookkeeping, varlen attention reference, a ViT block and the ATM
-heads over packed rows, each against the padded computation per image."""
+"""Token rows: the bucket ladder, row bookkeeping (packed and padded), the attention kernels, the ViT block and
+the ATM heads over rows, each against the dense computation per image (tests/reference.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.vision_transformer import Block
 
 from step_lightning.models.atm import ATMHead
-from step_lightning.models.packed import Packing, block_rows, bucket, cross_attention, ladder, self_attention
-from step_lightning.models.packed_heads import atm_head_rows
+from step_lightning.models.packed import Packing, bucket, cross_attention, ladder, self_attention
 from step_lightning.models.vit import ViTEncoder
+from tests.reference import dense_atm
 
 COUNTS = [5, 17, 1, 9]
 
@@ -44,6 +45,20 @@ def test_packing_views(counts, rows, length):
     assert packing.aligned == (len(counts) == 1)
 
 
+def test_padded_packing_views():
+    counts = torch.tensor(COUNTS)
+    packing = Packing.padded(counts, 17)
+    values = torch.randn(len(COUNTS), 17, 3)
+    assert packing.rows == len(COUNTS) * 17 and packing.aligned and not packing.contiguous
+    assert torch.equal(packing.to_dense(values.flatten(0, 1)), values)
+    assert torch.equal(packing.real, (torch.arange(17) < counts[:, None]).flatten())
+    assert torch.equal(packing.row_images(), torch.arange(len(COUNTS)).repeat_interleave(17))
+    halted = packing.key_mask.clone()
+    halted[1, :4] = False
+    masked = packing.with_key_mask(halted)
+    assert masked.counts.tolist() == [5, 13, 1, 9] and torch.equal(masked.real, halted.flatten())
+
+
 def test_self_and_cross_attention_equal_per_image_attention():
     torch.manual_seed(0)
     b, heads, dim, length = len(COUNTS), 2, 8, 17
@@ -63,24 +78,27 @@ def test_self_and_cross_attention_equal_per_image_attention():
         start += n
 
 
-def test_block_rows_equals_the_timm_block_per_image():
+def test_row_block_equals_the_timm_block_per_image():
     torch.manual_seed(0)
     block = ViTEncoder("vit_t", img_size=64, depth=1, drop_path_rate=0.0).blocks[0].eval()
     x = torch.randn(len(COUNTS), 17, 192)
     packing = Packing.from_counts(torch.tensor(COUNTS), 40, 17)
     with torch.no_grad():
-        out = block_rows(block, packed_rows(x, COUNTS, 40), packing)
+        out = block(packed_rows(x, COUNTS, 40), packing)
+        padded = block(x.flatten(0, 1), Packing.padded(torch.tensor(COUNTS), 17)).view(len(COUNTS), 17, 192)
         start = 0
         for i, n in enumerate(COUNTS):
-            torch.testing.assert_close(out[start : start + n], block(x[i : i + 1, :n])[0], atol=1e-5, rtol=0)
+            expected = Block.forward(block, x[i : i + 1, :n])[0]  # timm's own forward
+            torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(padded[i, :n], expected, atol=1e-5, rtol=0)
             start += n
         regular = Packing.regular(2, 17, "cpu")  # uniform rows: a reshape of the padded batch, no mask
-        torch.testing.assert_close(block_rows(block, x[:2].reshape(34, 192), regular).view(2, 17, 192), block(x[:2]),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(block(x[:2].reshape(34, 192), regular).view(2, 17, 192),
+                                   Block.forward(block, x[:2]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("presence_only", [False, True])
-def test_atm_head_rows_equal_the_padded_head(presence_only):
+def test_atm_head_over_rows_equals_the_dense_head(presence_only):
     torch.manual_seed(0)
     num_inputs = 1 if presence_only else 2
     head = ATMHead(64, 5, num_inputs=num_inputs, num_layers=2, presence_only=presence_only).eval()
@@ -88,8 +106,8 @@ def test_atm_head_rows_equal_the_padded_head(presence_only):
     mask = torch.arange(17) < torch.tensor(COUNTS)[:, None]
     packing = Packing.from_counts(torch.tensor(COUNTS), 48, 20)
     with torch.no_grad():
-        reference = head(feats, mask)
-        outputs = atm_head_rows(head, [packed_rows(f, COUNTS, 48) for f in feats], packing)
+        reference = dense_atm(head, feats, mask)
+        outputs = head([packed_rows(f, COUNTS, 48) for f in feats], packing)
     assert len(outputs) == len(reference) == num_inputs
     for out, ref in zip(outputs, reference, strict=True):
         torch.testing.assert_close(out["class_logits"], ref["class_logits"], atol=1e-5, rtol=0)

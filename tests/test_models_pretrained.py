@@ -310,3 +310,67 @@ def test_pretrained_file_errors(hub, tmp_path, src):
     save_file(src, file)
     one_line_error("set backbone.pretrained=<that tag>", lambda: encoder(None, pretrained_file=file))
     one_line_error("set backbone.pretrained=<that tag>", lambda: encoder(file, pretrained_file=file))
+
+
+# --- before a run: every weight source located, the Hub contacted once ---------------------------------------------
+
+
+@pytest.fixture
+def unreachable_hub(hub, monkeypatch):
+    """Online mode (no HF_HUB_OFFLINE) with a Hub that does not answer; returns the list of contacts made."""
+    import os
+
+    from step_lightning.core import hub as hub_mod
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, whatever the code sets
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    contacts = []
+
+    class NoAnswer:
+        def head(self, url, timeout):
+            contacts.append((url, timeout))
+            raise ConnectionError(f"cannot resolve {url}")
+
+    monkeypatch.setattr(hub_mod, "get_session", NoAnswer)
+    yield contacts
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # offline for the processes this one starts (DDP ranks, workers)
+
+
+def test_a_failed_first_contact_switches_to_offline_mode(unreachable_hub, hub, src):
+    import time
+
+    started = time.monotonic()
+    one_line_error("not in the Hugging Face cache and cannot be downloaded", lambda: encoder(TAG))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and len(unreachable_hub) == 1
+    assert unreachable_hub[0][1] <= 5  # seconds: one short try
+    hub(TAG, src)  # cached: read from the cache at once, without the minute of download retries
+    assert_arrived(encoder(TAG), src)
+    assert len(unreachable_hub) == 1 and time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("missing", ["backbone", "policy"])
+def test_missing_weights_stop_a_training_before_its_first_step(hub, tmp_path, monkeypatch, missing):
+    """Offline with an empty cache: a run that would train its policy first, then need the backbone's weights,
+    stops before any data or model is built, in seconds, naming the setting."""
+    import time
+
+    from step_lightning import train as train_mod
+    from tests.helpers import TINY_STEP_RUN, compose_config
+
+    monkeypatch.setattr(train_mod.hydra.utils, "instantiate", pytest.fail)
+    weights = [f"backbone.pretrained={TAG}"] if missing == "backbone" else [f"policy_train.pretrained={LITE0_TAG}"]
+    cfg = compose_config([*TINY_STEP_RUN, *weights], output_dir=tmp_path)
+    started = time.monotonic()
+    option = "backbone.pretrained" if missing == "backbone" else "policy_train.pretrained"
+    one_line_error(f"{option}=.*: the weights are not in the Hugging Face cache", lambda: train_mod.train(cfg))
+    assert time.monotonic() - started < 10
+
+
+def test_a_pretrained_file_of_another_width_stops_a_training_before_its_first_step(tmp_path, monkeypatch):
+    from step_lightning import train as train_mod
+    from tests.helpers import TINY_STEP_RUN, compose_config
+
+    torch.save(random_state("vit_small_patch16_224", depth=2), tmp_path / "vit_s.pth")
+    monkeypatch.setattr(train_mod.hydra.utils, "instantiate", pytest.fail)
+    cfg = compose_config([*TINY_STEP_RUN, f"backbone.pretrained={tmp_path / 'vit_s.pth'}"], output_dir=tmp_path)
+    one_line_error("is a ViT/16 of width 384 and depth 2", lambda: train_mod.train(cfg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.factory import ModelSpec, build_model
 
 
@@ -22,3 +23,5 @@ def test_predict_upsamples_logits_before_combining():
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
     grid_first = F.interpolate(model.head_scores(final), size=(64, 64), mode="bilinear", align_corners=False)
     assert not torch.allclose(scores, grid_first, atol=1e-4)  # the order matters
+    padded, _ = model.predict(images, options=InferenceOptions(engine="padded"))  # export's store: the same order
+    torch.testing.assert_close(padded, scores, rtol=0, atol=1e-5)

@@ -63,3 +63,16 @@ def test_wheel_installs_configs_and_console_scripts_that_train_and_predict(tmp_p
                     work, env)
     assert predicted.stdout.strip().splitlines()[-1] == "predict: 1 images written to pred, 0 skipped"
     assert sorted(p.name for p in (work / "pred").iterdir()) == ["a.png", "a_overlay.png"]
+
+
+def test_make_install_takes_the_configured_index_by_default_and_cpu_builds_on_request(tmp_path):
+    """CI's `make test` installs torch as the configured index serves it; TORCH=cpu asks for the +cpu builds."""
+    def install_commands(*args):
+        out = run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}", *args], REPO).stdout
+        return [line for line in out.splitlines() if "pip install" in line and "torch" in line]
+
+    (default,) = install_commands()
+    assert default.endswith("pip install --quiet torch==2.14.1 torchvision==0.29.1")
+    (cpu,) = install_commands("TORCH=cpu")
+    assert cpu.endswith("pip install --quiet --extra-index-url https://download.pytorch.org/whl/cpu "
+                        "torch==2.14.1+cpu torchvision==0.29.1+cpu")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from step_lightning.tokens.embed import SupertokenEmbed
+from step_lightning.tokens.embed import embed_pyramid, feature_index
 from step_lightning.tokens.layout import TOKEN_SIZES, dcts_layout, identity_layout
 from step_lightning.tokens.tau import WINDOW_SIZES
 
@@ -16,6 +16,15 @@ def all_sizes_layout(b, hp, wp, seed):
         if (layout.counts_per_size > 0).all():
             return layout
     raise AssertionError("no layout with all sizes found")
+
+
+def embed(images, layout, proj, pos_grid):
+    """Tokens [B, N, C] of a padded layout read from the pyramid (as the forward's rows do), padding zeroed."""
+    feats = embed_pyramid(images, layout.grid, proj, pos_grid)
+    row, col = layout.token_pos.unbind(-1)
+    index = feature_index(layout.token_size, row, col, layout.grid)
+    tokens = feats.gather(1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+    return tokens * layout.valid.unsqueeze(-1)
 
 
 def reference_tokens(images, layout, proj, pos_grid):
@@ -39,7 +48,7 @@ def test_pyramid_equals_per_superpatch_resize(grid, dtype, tol):
     proj = torch.nn.Conv2d(3, 6, 16, 16).to(dtype)
     images = torch.randn(2, 3, 16 * hp, 16 * wp, dtype=dtype)
     pos_grid = torch.randn(1, 6, hp, wp, dtype=dtype)
-    tokens = SupertokenEmbed()(images, layout, proj, pos_grid)
+    tokens = embed(images, layout, proj, pos_grid)
     assert tokens.shape == (*layout.valid.shape, 6)
     torch.testing.assert_close(tokens, reference_tokens(images, layout, proj, pos_grid), atol=tol, rtol=tol)
     assert (tokens[~layout.valid] == 0).all()
@@ -69,7 +78,7 @@ def test_identity_layout_is_the_plain_patch_embedding():
     proj = torch.nn.Conv2d(3, 4, 16, 16)
     images = torch.randn(2, 3, 16 * hp, 16 * wp)
     pos_grid = torch.randn(1, 4, hp, wp)
-    tokens = SupertokenEmbed()(images, identity_layout(2, hp, wp), proj, pos_grid)
+    tokens = embed(images, identity_layout(2, hp, wp), proj, pos_grid)
     torch.testing.assert_close(tokens, (proj(images) + pos_grid).flatten(2).transpose(1, 2))
 
 
@@ -77,12 +86,10 @@ def test_gradients_reach_the_patch_embedding_and_position_grid():
     layout = all_sizes_layout(1, 32, 16, seed=2)
     proj = torch.nn.Conv2d(3, 4, 16, 16)
     pos_grid = torch.randn(1, 4, 32, 16, requires_grad=True)
-    SupertokenEmbed()(torch.randn(1, 3, 512, 256), layout, proj, pos_grid).sum().backward()
+    embed(torch.randn(1, 3, 512, 256), layout, proj, pos_grid).sum().backward()
     assert proj.weight.grad is not None and pos_grid.grad.abs().sum() > 0
 
 
 def test_image_size_must_match_grid():
     with pytest.raises(ValueError, match="layout grid"):
-        SupertokenEmbed()(
-            torch.randn(1, 3, 64, 64), identity_layout(1, 3, 4), torch.nn.Conv2d(3, 4, 16, 16), torch.zeros(1, 4, 3, 4)
-        )
+        embed_pyramid(torch.randn(1, 3, 64, 64), (3, 4), torch.nn.Conv2d(3, 4, 16, 16), torch.zeros(1, 4, 3, 4))

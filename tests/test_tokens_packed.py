@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step_lightning.tokens.embed import SupertokenEmbed
+from step_lightning.tokens.embed import embed_pyramid, feature_index
 from step_lightning.tokens.layout import dcts_size_map, layout_from_size_map
 from step_lightning.tokens.packed import pack_layout, pyramid_size, token_starts
 from step_lightning.tokens.tau import WINDOW_SIZES
@@ -45,9 +45,27 @@ def test_packed_rows_read_the_same_pyramid_entries_as_the_padded_embedding():
     packed = pack_layout(size_map, is_start, counts, offset, int(counts.sum()) + 7)
     proj = torch.nn.Conv2d(3, 4, 16, 16)
     images, pos = torch.randn(2, 3, 16 * hp, 16 * wp), torch.randn(1, 4, hp, wp)
-    padded = SupertokenEmbed()(images, layout, proj, pos)
-    feats = SupertokenEmbed.pyramid(images, (hp, wp), proj, pos)
+    feats = embed_pyramid(images, (hp, wp), proj, pos)
     assert feats.shape[1] == pyramid_size(hp, wp)
     rows = feats.reshape(-1, 4).index_select(0, packed.row_feature)
     total = int(counts.sum())
+    row, col = layout.token_pos.unbind(-1)
+    index = feature_index(layout.token_size, row, col, (hp, wp))  # the padded layout's own pyramid entries
+    padded = feats.gather(1, index[..., None].expand(-1, -1, 4))
     torch.testing.assert_close(rows[:total], padded[layout.valid], rtol=0, atol=0)
+
+
+def test_padded_rows_hold_each_image_from_its_own_offset():
+    """``stride``: image b's tokens from row b * stride on, the same tokens as the padded layout's [b, :n]."""
+    hp, wp = 9, 20
+    size_map = random_size_map(3, hp, wp, seed=4)
+    layout = layout_from_size_map(size_map)
+    is_start, counts, offset = token_starts(size_map)
+    stride = int(counts.max()) + 2
+    padded = pack_layout(size_map, is_start, counts, offset, 3 * stride, stride=stride)
+    for b in range(3):
+        n = int(counts[b])
+        span = slice(b * stride, b * stride + n)
+        assert torch.equal(padded.row_size[span], layout.token_size[b, :n])
+        assert torch.equal(padded.row_pos[span], layout.token_pos[b, :n])
+        assert torch.equal(padded.cell_row[b] - b * stride, layout.cell_to_token[b])

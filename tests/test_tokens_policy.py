@@ -116,6 +116,9 @@ def test_targets_border_rule_for_larger_windows():
     assert t.tolist() == [[255, 1, 1], [1, 0, 255], [1, 1, 1]]
     t2 = homogeneity_targets(px, (12, 12), sizes=(2,))[2][0]
     assert t2[0, 0] == 255 and t2[2, 2] == 0 and t2[2, 5] == 255  # 2x2: (2,5) is on the right edge
+    # CTS's Cityscapes crops: no exclusion, one class plus ignore is not homogeneous anywhere.
+    kept = homogeneity_targets(px, (12, 12), sizes=(4,), exclude_border=False)[4][0]
+    assert kept.tolist() == [[0, 1, 1], [1, 0, 0], [1, 1, 1]]
 
 
 def naive_targets(labels, hp, wp, s, p):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from step_lightning.core import ConfigError
 from step_lightning.eval import evaluate
-from tests.helpers import TINY_RUN, compose_config, run_module, run_train
+from tests.helpers import TINY_RUN, TINY_STEP_RUN, compose_config, record_validations, run_module, run_train
 
 
 @pytest.mark.parametrize("backbone", ["vit_t", "vit_s", "vit_b", "vit_l"])
@@ -51,6 +52,47 @@ def test_summary_json_keys(tiny_run):
     assert summary["config"]["crop_size"] == 64 and summary["config"]["backbone"]["depth"] == 2
     assert summary["steps"] == 4
     assert (tiny_run["output_dir"] / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_ends_with_a_validation_of_its_last_weights(tmp_path, monkeypatch):
+    """5 steps at val_check_interval=2: validated at steps 2, 4 and 5; the summary holds step 5's scores and
+    last.ckpt, the best validated checkpoint beside them."""
+    validated = record_validations(monkeypatch)
+    summary = run_train([*TINY_RUN, "trainer.max_steps=5", "callbacks.visualization=null"], tmp_path)
+    assert [step for step, _ in validated] == [2, 4, 5]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert summary["steps"] == 5 and summary["checkpoint"] == str(last)
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 5
+    assert summary["mIoU"] == pytest.approx(validated[-1][1])
+    best = summary["best"]
+    assert best["mIoU"] == pytest.approx(max(miou for _, miou in validated))
+    assert (best["step"], best["mIoU"]) in [(step, pytest.approx(miou)) for step, miou in validated]
+    assert torch.load(best["checkpoint"], map_location="cpu", weights_only=False)["global_step"] == best["step"]
+
+
+@pytest.mark.parametrize("last_checkpoint", ["default", "null"])
+def test_a_run_shorter_than_its_validation_interval_reports_its_last_checkpoint(tmp_path, monkeypatch,
+                                                                                last_checkpoint):
+    """No validation falls in the run: the end is validated and last.ckpt (written by the run without its
+    last_checkpoint callback) is the result."""
+    validated = record_validations(monkeypatch)
+    extra = ["callbacks.last_checkpoint=null"] if last_checkpoint == "null" else []
+    summary = run_train([*TINY_RUN, "trainer.max_steps=3", "trainer.val_check_interval=100",
+                         "callbacks.visualization=null", *extra], tmp_path)
+    assert [step for step, _ in validated] == [3]
+    assert summary["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt") and summary["best"]["step"] == 3
+    assert torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)["global_step"] == 3
+
+
+def test_a_phase_that_cannot_take_a_step_stops_before_work(tmp_path, monkeypatch):
+    """Fewer training images than a batch: Lightning would run zero steps and the phase would pass for done."""
+    monkeypatch.setattr(L.Trainer, "fit", lambda *args, **kwargs: pytest.fail("a phase started"))
+    with pytest.raises(ConfigError, match=r"holds 3 images, fewer than one batch of 8 \(policy_train.batch_size\)"):
+        run_train([*TINY_STEP_RUN, "data.num_train=3", "policy_train.batch_size=8"], tmp_path / "policy")
+    with pytest.raises(ConfigError, match=r"fewer than one batch of 4 \(data.batch_size\).* at most 3"):
+        run_train([*TINY_RUN, "data.num_train=3"], tmp_path / "segment")
+    with pytest.raises(ConfigError, match=r"policy_train.batch_size"):
+        run_train([*TINY_STEP_RUN, "task=policy", "data.num_train=3", "policy_train.batch_size=4"], tmp_path / "task")
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Kill a training run after its first checkpoint (SIGTERM or SIGKILL), in either phase of the default method,
 resume it, and check that it ends with the planned number of optimisation steps, scheduler steps included, and a
-valid final checkpoint; resuming into another folder keeps the best checkpoint; a rerun into a run folder
-continues it only with the same settings."""
+valid final checkpoint; a run stopped during its final validation validates its last step when resumed; resuming
+into another folder keeps the best checkpoint; a rerun into a run folder continues it only with the same
+settings."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from omegaconf import OmegaConf
 from step_lightning import train as train_mod
 from step_lightning.core import ConfigError
 from step_lightning.lit.callbacks.durability import BestCheckpoint
+from step_lightning.lit.module import SegmentationModule
 from step_lightning.lit.resume import differences
 from step_lightning.metrics import SegMetrics
-from tests.helpers import REPO, TINY_RUN, TINY_STEP_RUN, run_train
+from tests.helpers import REPO, TINY_RUN, TINY_STEP_RUN, record_validations, run_train
 
 MAX_STEPS = 40
 RUN = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))] + [
@@ -126,6 +128,30 @@ def test_killed_policy_phase_resumes_instead_of_starting_over(tmp_path, sig):
     assert final["lr_schedulers"][0]["last_epoch"] == POLICY_STEPS  # the schedule went on, it did not restart
 
 
+def test_stopped_during_its_final_validation_the_rerun_validates_the_last_step(tmp_path, monkeypatch):
+    """SIGTERM while step 5 of 5 is validated: the run stops with last.ckpt at step 5 and no summary; the rerun
+    the message asks for (same folder) trains nothing, validates step 5 and reports it, not an older checkpoint."""
+    overrides = [*TINY_RUN, "trainer.max_steps=5", "data.val_batch_size=1", "callbacks.visualization=null"]
+
+    def sigterm_during_final_validation(self, *args):
+        if self.trainer.state.fn == "fit" and self.global_step == 5:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "Lightning's handler is not set"
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning stops after this validation batch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SegmentationModule, "on_validation_batch_end", sigterm_during_final_validation, raising=False)
+        with pytest.raises(train_mod.Stopped) as stopped:
+            run_train(overrides, tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert stopped.value.checkpoint == last and step_of(last) == 5
+    assert not (tmp_path / "summary.json").exists()
+    validated = record_validations(monkeypatch)
+    summary = run_train(overrides, tmp_path)
+    assert [step for step, _ in validated] == [5]
+    assert summary["steps"] == 5 and summary["checkpoint"] == str(last)
+    assert summary["mIoU"] == pytest.approx(validated[0][1]) and summary["best"]["mIoU"] >= summary["mIoU"]
+
+
 def test_best_checkpoint_follows_a_run_into_another_folder(tmp_path):
     """Lightning keeps only the path when the folder changes (the score is forgotten, so the next validation
     becomes "best" whatever it scores); BestCheckpoint copies the best files here and keeps their scores."""
@@ -158,14 +184,15 @@ def test_best_checkpoint_follows_a_run_into_another_folder(tmp_path):
 @pytest.mark.slow
 def test_resume_into_a_new_folder_keeps_the_best_so_far(tiny_run, tmp_path, monkeypatch):
     """After the move every validation scores worse than the old run's best: the best checkpoint stays the old
-    run's (now in the new folder), and the final validation reads it, not the first checkpoint written here."""
-    old_best = Path(tiny_run["summary"]["checkpoint"])
+    run's (now in the new folder), reported beside the last weights, not the first checkpoint written here."""
+    old_best = Path(tiny_run["summary"]["best"]["checkpoint"])
     monkeypatch.setattr(SegMetrics, "compute", lambda self: {"mIoU": torch.tensor(-1.0), "aAcc": torch.tensor(0.0),
                                                              "IoU": torch.zeros(self.num_classes)})
     last = tiny_run["output_dir"] / "checkpoints" / "last.ckpt"
     summary = run_train([*TINY_RUN, f"ckpt_path={last}", "trainer.max_steps=8"], tmp_path)
     assert summary["steps"] == 8
-    assert summary["checkpoint"] == str(tmp_path / "checkpoints" / old_best.name)
+    assert summary["best"]["checkpoint"] == str(tmp_path / "checkpoints" / old_best.name)
+    assert summary["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt") and summary["mIoU"] == -1.0
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == sorted([old_best.name, "last.ckpt"])
 
 

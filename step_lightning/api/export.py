@@ -6,8 +6,8 @@ export:
 
 - segvit and cts: static shapes; both formats. (CTS merges a fixed number of windows: its token count is
   the same for every image.)
-- dcts: torch.export only, with a data-dependent token count (the graph sizes its token tensors from the
-  policy's decisions at run time). Converted to ONNX its outputs differ from eager's.
+- dcts: torch.export only, with a data-dependent token count (the padded store sizes its token tensors from
+  the policy's decisions at run time). Converted to ONNX its outputs differ from eager's.
 - methods with exit heads (dtop, cts_dtop, step, step_single): no. After every exit the surviving tokens
   are compacted with a host-side read of their count and a Python branch on it (``EarlyExitSegmenter``),
   which torch.export cannot trace into one graph.
@@ -20,29 +20,30 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from step_lightning.core import ConfigError
-from step_lightning.models.engine import reference_engine
+from step_lightning.models.engine import InferenceOptions
 
 FORMATS = {"torch_export": ".pt2", "onnx": ".onnx"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INPUT_NAME, OUTPUT_NAME = "images", "scores"
 
 
+# The static-shape store: no bucket ladder (a data-dependent branch), dCTS's token count a symbolic size.
+EXPORT_OPTIONS = InferenceOptions(engine="padded")
+
+
 class ScoresGraph(nn.Module):
-    """What is exported: normalised images [B, 3, S, S] -> class scores [B, K, S, S] (``SegmenterBase.predict``
-    as a plain forward)."""
+    """What is exported: normalised images [B, 3, S, S] -> class scores [B, K, S, S], the model's own
+    ``predict`` (one definition of the scores for export and every command)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(images)
-        scores = self.model.head_scores(out.outputs[-1])
-        return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.model.predict(images, options=EXPORT_OPTIONS)[0]
 
 
 def check_exportable(spec: dict, fmt: str) -> None:
@@ -84,9 +85,7 @@ def export_model(model: nn.Module, fmt: str, path: Path, size: int) -> Path:
     example = (random_batch(2, size, seed=0),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The padded engine: the packed one rounds token counts up a bucket ladder, a data-dependent branch that
-    # torch.export cannot trace; both compute the same scores.
-    with torch.no_grad(), reference_engine(model):
+    with torch.no_grad():
         if fmt == "torch_export":
             torch.export.save(torch.export.export(graph, example, dynamic_shapes=dynamic), path)
         else:
@@ -112,5 +111,5 @@ def max_difference(model: nn.Module, fmt: str, path: Path, size: int) -> float:
     dimension is dynamic)."""
     images = random_batch(3, size, seed=1)
     with torch.no_grad():
-        expected = ScoresGraph(model).eval()(images)  # the default (packed) engine: the one users run
+        expected = model.eval().predict(images)[0]  # the default (packed) store: what predict and eval run
     return float((run_exported(fmt, path, images) - expected).abs().max())

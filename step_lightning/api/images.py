@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from step_lightning.core import ConfigError
-from step_lightning.data.io import read_image
+from step_lightning.data.io import read_image, rgb_array
 from step_lightning.measure.render import colourise
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -22,11 +22,12 @@ T = TypeVar("T")
 
 
 def as_rgb(image) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of an image path, a PIL image or an HxWx3 uint8 array."""
+    """uint8 RGB [H, W, 3] of an image path, a PIL image (both upright, as a viewer shows them: EXIF
+    orientation applied) or an HxWx3 uint8 array."""
     if isinstance(image, str | Path):
         return read_image(image)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return rgb_array(image)
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
         return image
     what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__

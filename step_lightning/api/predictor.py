@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from step_lightning.api.images import as_rgb, same_size_batches
+from step_lightning.config.checks import check_slide
 from step_lightning.core import ConfigError
 from step_lightning.core.resize import resize_labels
+from step_lightning.data.transforms import protocol_scale, rescale_size
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.measure.render import token_maps
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.inference import infer
 
 MODES = ("whole", "slide")
@@ -69,6 +72,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``precision`` on ``device`` (``auto``: bf16 or fp16 on a GPU, fp32 elsewhere)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision} must be auto, {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
 def dataset_metadata(module: SegmentationModule) -> dict:
     """The checkpoint's dataset metadata; checkpoints written before it was kept get numbered classes, a
     fixed random palette and the model's own normalisation and crop."""
@@ -80,13 +97,17 @@ def dataset_metadata(module: SegmentationModule) -> dict:
     palette = torch.randint(0, 256, (classes, 3), generator=torch.Generator().manual_seed(0)).tolist()
     return {"name": "unknown", "class_names": [f"class {k}" for k in range(classes)], "palette": palette,
             "mean": list(spec["mean"]), "std": list(spec["std"]), "ignore_index": spec["ignore_index"],
-            "short_side": spec["img_size"]}
+            "eval_scale": list(protocol_scale(spec["img_size"]))}
 
 
 class Predictor:
-    """A trained segmenter in eval mode on ``device`` with what it needs to segment new images."""
+    """A trained segmenter in eval mode on ``device`` with what it needs to segment new images; ``options``: how
+    its forwards run (``InferenceOptions``: store, CUDA graphs, ...); ``precision``: ``auto`` = bf16 autocast on a
+    GPU (fp16 where bf16 is unsupported; the packed store then runs variable-length flash attention), fp32 on
+    the CPU; or ``fp32`` / ``bf16`` / ``fp16``."""
 
-    def __init__(self, module: SegmentationModule, device: str | torch.device | None = "auto"):
+    def __init__(self, module: SegmentationModule, device: str | torch.device | None = "auto",
+                 options: InferenceOptions | None = None, precision: str = "auto"):
         spec = module.hparams.model
         if spec["tokenizer"] != "patch" and spec["policy"] == "oracle":
             raise ConfigError(
@@ -97,6 +118,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.module = module.eval().to(self.device)
         self.model = self.module.model
+        self.options = options or InferenceOptions()
+        self.dtype = autocast_dtype(precision, self.device)
         self.spec = dict(spec)
         dataset = dataset_metadata(module)
         self.dataset = dataset["name"]
@@ -105,7 +128,8 @@ class Predictor:
         self.mean: tuple[float, ...] = tuple(dataset["mean"])
         self.std: tuple[float, ...] = tuple(dataset["std"])
         self.ignore_index: int = dataset["ignore_index"]
-        self.short_side: int = dataset["short_side"]
+        # Checkpoints written before the scale was kept hold the short side of the (2048, crop) scale.
+        self.eval_scale: tuple[int, int] = tuple(dataset.get("eval_scale") or protocol_scale(dataset["short_side"]))
         self.mode: str = module.hparams.eval_mode
         self.crop: int = module.hparams.eval_crop
         self.stride: int = module.hparams.eval_stride
@@ -118,7 +142,7 @@ class Predictor:
         return (
             f"Predictor({self.spec['backbone']}, tokenizer={self.spec['tokenizer']}, "
             f"exits={list(self.spec['prune_heads'])}, {self.num_classes} classes of {self.dataset}, mode={self.mode}, "
-            f"crop={self.crop}, stride={self.stride}, short_side={self.short_side}, device={self.device})"
+            f"crop={self.crop}, stride={self.stride}, eval_scale={self.eval_scale}, device={self.device})"
         )
 
     def normalise(self, images: np.ndarray) -> torch.Tensor:
@@ -129,10 +153,10 @@ class Predictor:
         return (x - mean) / std
 
     def model_size(self, height: int, width: int) -> tuple[int, int]:
-        """The evaluation protocol's input size: the short side becomes ``short_side``, the ratio is kept
-        (rounded as ``EvalTransform`` does)."""
-        factor = self.short_side / min(height, width)
-        return int(height * factor + 0.5), int(width * factor + 0.5)
+        """The evaluation protocol's input size (``EvalTransform``'s): resized, ratio kept, to fit ``eval_scale``
+        (long, short)."""
+        width, height = rescale_size(width, height, self.eval_scale)
+        return height, width
 
     def prepare(self, images: torch.Tensor, resize: bool = True) -> torch.Tensor:
         """A normalised batch [B, 3, H, W] as the model sees it (resized per the protocol unless ``resize``
@@ -171,6 +195,8 @@ class Predictor:
             raise ConfigError("return_tokens/return_halting need mode='whole': each sliding window has its own tokens.")
         if return_halting and not self.model.exit_layers:
             raise ConfigError("return_halting needs a model with exit heads (dtop, cts_dtop, step, step_single).")
+        if mode == "slide":
+            check_slide(crop or self.crop, stride or self.stride, option="")
         options = {"mode": mode, "crop": crop or self.crop, "stride": stride or self.stride, "resize": resize,
                    "scores": return_scores, "tokens": return_tokens, "halting": return_halting}
         detailed = return_scores or return_tokens or return_halting
@@ -194,7 +220,8 @@ class Predictor:
     def _segment(self, images: torch.Tensor, mode, crop, stride, resize, scores, tokens, halting) -> Prediction:
         height, width = images.shape[-2:]
         x = self.prepare(images, resize)
-        class_scores, outs = infer(self.model, x, (height, width), mode, crop, stride)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            class_scores, outs = infer(self.model, x, (height, width), mode, crop, stride, options=self.options)
         token_map = halt_map = None
         if tokens or halting:
             ids, halted_at = token_maps(outs[0], *x.shape[-2:])
@@ -203,7 +230,9 @@ class Predictor:
         return Prediction(class_scores.argmax(1), class_scores if scores else None, token_map, halt_map)
 
 
-def load(path: str | Path, device: str | torch.device | None = "auto") -> Predictor:
+def load(path: str | Path, device: str | torch.device | None = "auto",
+         options: InferenceOptions | None = None, precision: str = "auto") -> Predictor:
     """The ``Predictor`` of a ``step_lightning.train`` checkpoint, on ``device`` (``auto``: CUDA when
-    available), rebuilt from the checkpoint alone."""
-    return Predictor(load_module(path), device)
+    available), rebuilt from the checkpoint alone; ``options``: ``InferenceOptions``; ``precision``: ``auto`` (bf16
+    on a GPU), ``fp32``, ``bf16`` or ``fp16``."""
+    return Predictor(load_module(path), device, options, precision)

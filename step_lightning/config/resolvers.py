@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from omegaconf import ListConfig, OmegaConf
 
+# mmseg's Cityscapes test strides where they are not two thirds of the crop: 768 for 1024 windows
+# (configs/segformer/segformer_mit-b*_8xb1-160k_cityscapes-1024x1024.py). Its 768 windows slide at 512
+# (configs/setr/setr_vit-l_*_8xb1-80k_cityscapes-768x768.py), two thirds as elsewhere.
+CITYSCAPES_STRIDES = {1024: 768}
 
-def default_eval_stride(crop: int) -> int:
-    """Sliding-window stride of the SegViT/mmseg test configs: two thirds of the crop (512 -> 341)."""
+
+def default_eval_stride(crop: int, dataset: str = "") -> int:
+    """``${eval_stride:<crop>[,<dataset>]}``: the sliding-window stride of the SegViT/mmseg test configs, two
+    thirds of the crop (512 -> 341, 768 -> 512), mmseg's own value for Cityscapes at 1024 (768)."""
+    if dataset == "cityscapes" and int(crop) in CITYSCAPES_STRIDES:
+        return CITYSCAPES_STRIDES[int(crop)]
     return int(crop) * 2 // 3
 
 

@@ -1,7 +1,8 @@
-"""Small shared helpers: atomic file writes and JSON-friendly conversion."""
+"""Small shared helpers: atomic file writes, telling a full disk from other errors, JSON-friendly conversion."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,7 +19,7 @@ TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file in the same folder, fsync, then rename over ``path``, so a
-    crash never leaves half a file."""
+    crash never leaves half a file. A full disk is raised as OSError(ENOSPC) naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -28,10 +29,26 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, Exception) and disk_full(error):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
     return path
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The no-space-left error behind ``error``: itself, or the one it was raised from or while handling
+    (torch's zip writer turns a failed write into ``RuntimeError: [enforce fail at inline_container.cc]``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        if "no space left on device" in str(error).lower():
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def remove_temporaries(folder: str | Path) -> list[Path]:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from step_lightning.core import IGNORE_INDEX, ConfigError
+from step_lightning.data.transforms import protocol_scale
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -37,6 +38,7 @@ class SegDataModule(L.LightningDataModule):
     class_names: Sequence[str]
     palette: Sequence[Sequence[int]]
     ignore_index: int = IGNORE_INDEX
+    eval_scale: tuple[int, int] | None = None  # the test resize's (long, short) scale; None: (2048, crop_size)
 
     def __init__(self, batch_size: int = 8, val_batch_size: int = 1, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -49,8 +51,8 @@ class SegDataModule(L.LightningDataModule):
 
     def metadata(self) -> dict:
         """What a model trained on this dataset needs to segment new images, kept in its checkpoint: class
-        names, palette, normalisation, ignore index and ``short_side``, the evaluation protocol's resize (the
-        image's short side becomes the crop size, ``EvalTransform``)."""
+        names, palette, normalisation, ignore index and ``eval_scale``, the (long, short) scale of the evaluation
+        protocol's keep-ratio resize (``EvalTransform``)."""
         return {
             "name": self.name,
             "class_names": [str(n) for n in self.class_names],
@@ -58,7 +60,7 @@ class SegDataModule(L.LightningDataModule):
             "mean": [float(m) for m in self.mean],
             "std": [float(s) for s in self.std],
             "ignore_index": int(self.ignore_index),
-            "short_side": int(self.crop_size),
+            "eval_scale": list(protocol_scale(self.crop_size, self.eval_scale)),
         }
 
     def _world_size(self) -> int:
@@ -91,15 +93,32 @@ class SegDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def policy_dataloader(self, size: int | None, batch_size: int, world_size: int = 1) -> DataLoader:
-        """Training batches for the dCTS policy: whole images resized to ``size`` x ``size`` with flips (CTS's
-        recipe), or the segmenter's augmented crops when ``size`` is None; ``batch_size`` is global."""
+    def policy_dataloader(self, data: str, size: int, batch_size: int, world_size: int = 1) -> DataLoader:
+        """Training batches for the dCTS policy (``batch_size`` is global): ``data`` ``augmented`` (the
+        segmenter's training crops), ``whole`` (``whole_image_dataset``) or ``crops`` (``crop_dataset``)."""
         self.setup("fit")
-        dataset = self.train_set if size is None else self.whole_image_dataset(size)
+        if data == "whole":
+            dataset = self.whole_image_dataset(size)
+        elif data == "crops":
+            dataset = self.crop_dataset(size)
+        else:
+            dataset = self.train_set
         return self._loader(dataset, per_device_batch_size(batch_size, world_size), True)
 
     def whole_image_dataset(self, size: int) -> Dataset:
-        """The training images whole at ``size`` x ``size``; datamodules of whole scenes return their train set."""
+        """The training images whole, resized to ``size`` x ``size``, flipped (CTS's ADE20K policy data)."""
+        return self.scene_dataset(size)
+
+    def crop_dataset(self, size: int) -> Dataset:
+        """Random ``size`` x ``size`` crops of the training images at the evaluation scale, flipped (CTS's
+        Cityscapes policy data)."""
+        return self.scene_dataset(size)
+
+    def scene_dataset(self, size: int) -> Dataset:
+        """Datamodules of generated whole scenes at the crop size: their train set, whole and cropped alike."""
+        if size != self.crop_size:
+            raise ConfigError(f"policy_train.size={size}: {self.name} scenes are made at crop_size={self.crop_size}; "
+                              f"set policy_train.size={self.crop_size}.")
         self.setup("fit")
         return self.train_set
 

@@ -1,11 +1,12 @@
-"""Reading image and label files, with errors that name the file and say what to do."""
+"""Reading image and label files as an image viewer shows them (EXIF orientation applied), with errors that
+name the file and say what to do. Every image the project reads comes through here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from step_lightning.core import ConfigError
 
@@ -21,20 +22,30 @@ def _open_failed(path: str | Path, err: Exception, what: str) -> ConfigError:
     )
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3]. Grayscale, palette, RGBA and CMYK files are converted to RGB (alpha is dropped).
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (a phone's portrait photo is stored sideways), as image
+    viewers and annotation tools show it; unchanged without the tag."""
+    return ImageOps.exif_transpose(image)
 
-    Pixels are used as stored (no EXIF rotation), matching how the label maps were drawn.
-    """
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of an opened image, upright. Grayscale, palette, RGBA and CMYK are converted to RGB
+    (alpha is dropped)."""
+    return np.asarray(upright(image).convert("RGB"))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of an image file, upright (``rgb_array``)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(im)
     except _DECODE_ERRORS as err:
         raise _open_failed(path, err, "image") from err
 
 
 def read_label(path: str | Path) -> np.ndarray:
-    """Raw class indices [H, W] (uint8, or wider for 16/32-bit PNGs); palette PNGs give their indices."""
+    """Raw class indices [H, W] (uint8, or wider for 16/32-bit PNGs), upright like the images; palette PNGs give
+    their indices."""
     try:
         with Image.open(path) as im:
             if im.mode not in LABEL_MODES:
@@ -43,6 +54,6 @@ def read_label(path: str | Path) -> np.ndarray:
                     f"PNGs (mode {'/'.join(LABEL_MODES)}). Colour renderings (e.g. *_color.png, full "
                     "ADE20K *_seg.png) cannot be used: point data.root at the dataset's label-index files."
                 )
-            return np.asarray(im)
+            return np.asarray(upright(im))
     except _DECODE_ERRORS as err:
         raise _open_failed(path, err, "label") from err

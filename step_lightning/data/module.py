@@ -11,7 +11,13 @@ from step_lightning.core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, Confi
 from step_lightning.data.base import SegDataModule
 from step_lightning.data.dataset import SegDataset
 from step_lightning.data.folders import Layout, Sample, discover
-from step_lightning.data.transforms import EvalTransform, TrainTransform, WholeImageTransform
+from step_lightning.data.transforms import (
+    EvalScaleCropTransform,
+    EvalTransform,
+    TrainTransform,
+    WholeImageTransform,
+    protocol_scale,
+)
 
 
 class FolderSegDataModule(SegDataModule):
@@ -90,6 +96,11 @@ class FolderSegDataModule(SegDataModule):
 
     def whole_image_dataset(self, size: int) -> SegDataset:
         transform = WholeImageTransform(size, self.mean, self.std, seed=self.seed)
+        return SegDataset(self.samples(self.train_split, "data.train_split"), transform, self._rank())
+
+    def crop_dataset(self, size: int) -> SegDataset:
+        transform = EvalScaleCropTransform(size, protocol_scale(self.crop_size, self.eval_scale), self.mean, self.std,
+                                           IGNORE_INDEX, seed=self.seed)
         return SegDataset(self.samples(self.train_split, "data.train_split"), transform, self._rank())
 
     def eval_dataset(self, split: str | None = None, split_key: str = "data.split") -> SegDataset:

@@ -1,7 +1,9 @@
 """mmsegmentation's standard segmentation pipelines on numpy arrays (RGB uint8 image, uint8 label).
 
 Training: RandomResize (keep ratio, ratio of a base scale) -> RandomCrop (cat_max_ratio) -> flip ->
-PhotoMetricDistortion -> Normalize -> Pad. Each step is a callable ``(image, label, rng) -> (image, label)``;
+PhotoMetricDistortion -> Normalize -> Pad. Testing: keep-ratio Resize to the test scale -> Normalize. The dCTS
+policy's training data follow CTS's ``policynet`` datasets instead (``WholeImageTransform``,
+``EvalScaleCropTransform``). Each step is a callable ``(image, label, rng) -> (image, label)``;
 a ``Compose`` hands all of them its one seeded ``numpy.random.Generator``, so a pipeline is reproducible
 from its seed and reseedable per rank and worker.
 """
@@ -18,10 +20,34 @@ from step_lightning.core import IGNORE_INDEX
 Step = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
+TEST_LONG_SIDE = 2048  # mmseg's test scale is (2048, crop) for ADE20K and COCO-Stuff, (2048, 1024) for Cityscapes
+
+
 def rescale_size(width: int, height: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv.imrescale's keep-ratio output (width, height): the largest size fitting (long, short) = scale."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def protocol_scale(crop_size: int, scale: Sequence[int] | None = None) -> tuple[int, int]:
+    """mmseg's keep-ratio test scale (long, short): ``scale`` where the dataset sets one (Cityscapes:
+    (2048, 1024) whatever the crop), else (2048, crop_size): the short side becomes the crop, the long side
+    at most 2048 px."""
+    return (int(max(scale)), int(min(scale))) if scale else (TEST_LONG_SIDE, int(crop_size))
+
+
+class KeepRatioResize:
+    """mmseg's test ``Resize(scale, keep_ratio=True)`` as a training step: image bilinear, label nearest."""
+
+    def __init__(self, scale: Sequence[int]):
+        self.scale = tuple(scale)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        size = rescale_size(image.shape[1], image.shape[0], self.scale)
+        if size == (image.shape[1], image.shape[0]):
+            return image, label
+        return (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+                cv2.resize(label, size, interpolation=cv2.INTER_NEAREST))
 
 
 class RandomRescale:
@@ -252,22 +278,35 @@ class ResizeTo:
 
 
 class WholeImageTransform(Compose):
-    """CTS's policy training data: the whole image resized to ``size`` x ``size``, flipped, normalised."""
+    """CTS's ADE20K policy data (``policynet/policynet/data_ade20k.py``): the whole image resized to
+    ``size`` x ``size`` (ratio not kept), flipped, normalised."""
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], seed: int = 0):
         super().__init__([ResizeTo(size), HorizontalFlip(0.5), Normalize(mean, std)], seed)
 
 
+class EvalScaleCropTransform(Compose):
+    """CTS's Cityscapes policy data (``policynet/policynet/data_cityscapes.py``): a uniformly placed
+    ``size`` x ``size`` crop of the image at the test scale (Cityscapes: its own 2048x1024, no resize), so
+    the policy learns windows of the size in pixels it scores; flipped, normalised, padded (label: ignore)
+    where the image is smaller."""
+
+    def __init__(self, size: int, scale: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 ignore_index: int = IGNORE_INDEX, seed: int = 0):
+        steps = [KeepRatioResize(scale), CatMaxRatioCrop(size, cat_max_ratio=1.0), HorizontalFlip(0.5),
+                 Normalize(mean, std), PadToSize(size, ignore_index)]
+        super().__init__(steps, seed)
+
+
 class EvalTransform:
-    """mmseg's test ``Resize(scale, keep_ratio=True)``, bilinear, then normalise; the label stays at the
-    original resolution (evaluation is done there). ``scale`` None: the short side becomes ``crop_size``
-    (ADE20K / COCO-Stuff); Cityscapes keeps its full 2048x1024 with ``scale=(2048, 1024)``."""
+    """mmseg's test ``Resize(scale, keep_ratio=True)`` (``protocol_scale``), bilinear, then normalise; the label
+    stays at the original resolution (evaluation is done there)."""
 
     def __init__(
         self, crop_size: int, mean: Sequence[float], std: Sequence[float], scale: Sequence[int] | None = None
     ):
         self.crop_size = crop_size
-        self.scale = tuple(scale) if scale else None
+        self.scale = protocol_scale(crop_size, scale)
         self.normalize = Normalize(mean, std)
 
     def reseed(self, *entropy: int) -> None:
@@ -275,11 +314,7 @@ class EvalTransform:
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         height, width = image.shape[:2]
-        if self.scale:
-            size = rescale_size(width, height, self.scale)
-        else:
-            factor = self.crop_size / min(height, width)
-            size = (int(width * factor + 0.5), int(height * factor + 0.5))
+        size = rescale_size(width, height, self.scale)
         if size != (width, height):
             image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         return self.normalize.apply(image), label

@@ -21,6 +21,7 @@ from step_lightning.core import ConfigError
 from step_lightning.lit.schedules import lr_factor
 from step_lightning.metrics import ExitStats, SegMetrics, TokenStats
 from step_lightning.models.checkpoint import load_weights
+from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.factory import ModelSpec, build_model
 from step_lightning.models.inference import infer
 from step_lightning.models.loss import ATMLoss
@@ -73,24 +74,28 @@ class SegmentationModule(L.LightningModule):
         eval_stride: int = 341,
         loss: dict | None = None,
         init_from: str | None = None,
+        init_from_min_fraction: float = 0.5,
         dataset: dict | None = None,
         policy: PolicyNet | None = None,
     ):
         """``model``: a ``ModelSpec`` as a dict; ``dataset``: the datamodule's ``metadata()``; ``policy``: the
         trained network of a dCTS/CTS tokenizer (built untrained when absent: a checkpoint's state dict then
-        fills it)."""
+        fills it); ``init_from``: a checkpoint whose matching tensors (at least ``init_from_min_fraction`` of
+        the model's, the policy network's left out) start the model."""
         super().__init__()
         self.save_hyperparameters(ignore=["policy"])
         spec = ModelSpec(**model)
         self.model = build_model(spec, policy)
         if init_from:
-            loaded = load_weights(self.model, init_from, strict=False, key="init_from")
+            loaded = load_weights(self.model, init_from, strict=False, min_fraction=init_from_min_fraction,
+                                  key="init_from")
             print(f"init_from: loaded {loaded.tensors}/{loaded.total} tensors from {init_from}")
         self.criterion = ATMLoss(spec.num_classes, spec.ignore_index, **(loss or {}))
         self.val_metrics = SegMetrics(spec.num_classes, spec.ignore_index)
         self.token_stats = TokenStats()
         self.exit_stats = ExitStats()
         self.last_val: dict = {}
+        self.inference = InferenceOptions()  # how validation forwards run (eval sets the command's options)
 
     @classmethod
     def from_config(
@@ -116,6 +121,7 @@ class SegmentationModule(L.LightningModule):
             eval_stride=cfg.eval.stride,
             loss=OmegaConf.to_container(cfg.loss),
             init_from=cfg.get("init_from"),
+            init_from_min_fraction=cfg.get("init_from_min_fraction", 0.5),
             dataset=dataset,
             policy=policy,
         )
@@ -143,7 +149,7 @@ class SegmentationModule(L.LightningModule):
         images, labels = batch["image"], batch["label"]
         hp = self.hparams
         scores, outs = infer(self.model, images, tuple(labels.shape[-2:]), hp.eval_mode, hp.eval_crop, hp.eval_stride,
-                             labels=labels)
+                             labels=labels, options=self.inference)
         self.val_metrics.update(scores.argmax(1), labels)
         for out in outs:
             self.update_token_stats(out)

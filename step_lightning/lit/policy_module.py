@@ -1,10 +1,10 @@
 """Training the dCTS policy network on a segmentation datamodule's batches.
 
 ``PolicyModule`` learns one homogeneity logit per window and size from ``homogeneity_targets``:
-BCE per window size, windows marked 255 excluded, sizes summed. Random horizontal flip is the
-datamodule's job. Validation logs per-size precision / recall (at p > 0.5) and AUROC, plus the loss
-(``val/loss``, a good checkpoint monitor). ``step_lightning.models.checkpoint.load_policy(ckpt)`` returns
-the frozen PolicyNet of a checkpoint of this module, ready for the segmenter.
+BCE per window size, windows marked 255 excluded (``exclude_border``: CTS's border rule), sizes summed.
+Random horizontal flip is the datamodule's job. Validation logs per-size precision / recall (at p > 0.5) and
+AUROC, plus the loss (``val/loss``, a good checkpoint monitor). ``step_lightning.models.checkpoint.load_policy``
+returns the frozen PolicyNet of a checkpoint of this module, ready for the segmenter.
 
 Defaults follow CTS's policy training (AdamW, lr 5e-5, weight decay 1e-3); ``schedule`` cosine or constant (CTS).
 """
@@ -70,9 +70,11 @@ class PolicyModule(L.LightningModule):
         hidden_dim: int = 64,
         head: str = "mlp",
         schedule: str = "cosine",
+        exclude_border: bool = True,
     ):
         """``mean``/``std``: the datamodule's image normalisation (0-255 scale), so the policy can
-        undo it; the segmenter must feed images normalised the same way."""
+        undo it; the segmenter must feed images normalised the same way. ``exclude_border``: windows of one
+        class plus ignore on the border are left out (``homogeneity_targets``)."""
         super().__init__()
         self.save_hyperparameters()
         self.sizes = tuple(sizes)
@@ -98,7 +100,7 @@ class PolicyModule(L.LightningModule):
 
     def _step(self, images: Tensor, labels: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[str, Tensor]]:
         grid = (images.shape[-2] // 16, images.shape[-1] // 16)
-        targets = homogeneity_targets(labels, grid, self.sizes, self.hparams.ignore_index)
+        targets = homogeneity_targets(labels, grid, self.sizes, self.hparams.ignore_index, self.hparams.exclude_border)
         logits = self.policy.forward_logits(images)
         return logits, targets, policy_losses(logits, targets)
 

@@ -14,6 +14,7 @@ from step_lightning.core import PATCH_SIZE
 from step_lightning.core.files import write_json
 from step_lightning.core.resize import resize_labels
 from step_lightning.measure.gflops import ForwardCost
+from step_lightning.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,18 @@ def validation_gflops(model, val: dict, image: torch.Tensor, label: torch.Tensor
     tokens, active = val["per_image"]["tokens"], val["per_image"]["active_after"]
     active = active or [()] * len(tokens)
     return sum(cost(t, a) for t, a in zip(tokens, active, strict=True)) / len(tokens)
+
+
+def best_validated(callback, last_checkpoint: Path, step: int, score: float, key: str) -> dict:
+    """The best validated weights, reported beside the last ones: the best-checkpoint ``callback``'s file, its
+    step and its ``key`` score; the last weights' where they score better (a run resumed at its last step
+    validates them after the fit, unseen by the callback) or the callback kept none (fast_dev_run, disabled)."""
+    path = callback.best_model_path if callback is not None else ""
+    if path and Path(path).is_file():
+        best = float(callback.best_model_score)
+        if not (score > best if callback.mode == "max" else score < best):
+            return {"checkpoint": path, "step": int(read_checkpoint(path, mmap=True)["global_step"]), key: best}
+    return {"checkpoint": str(last_checkpoint), "step": step, key: score}
 
 
 def headline(summary: dict) -> str:

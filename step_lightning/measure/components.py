@@ -16,13 +16,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from step_lightning.measure.dispatch import DispatchCounter
 from step_lightning.measure.timing import synchronize
-from step_lightning.models.engine import SECTIONS, Probe, probing
+from step_lightning.models.engine import SECTIONS, InferenceOptions, Probe, probing
 
 FIXED = ("policy", "layout", "embed", "exits", "read")
 
@@ -36,11 +37,15 @@ class SectionTimer(Probe):
         self.section = "other"
         self.start = 0.0
 
-    def mark(self, section: str) -> None:
+    def mark(self, section: str, detail=None) -> None:
         synchronize(self.device)
         now = time.perf_counter()
         self.seconds[self.section] += now - self.start
-        self.section, self.start = section, now
+        self.section, self.start = self.label(section, detail), now
+
+    def label(self, section: str, detail) -> str:
+        """The bucket a mark's time goes to (subclasses split sections finer)."""
+        return section
 
     def __enter__(self) -> SectionTimer:
         synchronize(self.device)
@@ -55,34 +60,27 @@ class SectionTimer(Probe):
 
 
 @torch.no_grad()
-def component_times(model: nn.Module, images, labels, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median milliseconds per component of one forward of the packed engine on (images, labels), after one
-    warm-up forward."""
-    previous = model.engine, model.fast
-    model.engine, model.fast = "packed", False
+def component_times(model: nn.Module, images, labels, device: torch.device, repeats: int,
+                    options: InferenceOptions | None = None) -> dict[str, float]:
+    """Median milliseconds per component of one eager forward of the packed store on (images, labels), after
+    one warm-up forward."""
+    options = replace(options or InferenceOptions(), engine="packed", fast=False)
     runs = []
-    try:
-        for run in range(repeats + 1):
-            with SectionTimer(device) as timer:
-                model(images, labels)
-            if run:
-                runs.append(dict(timer.seconds))
-    finally:
-        model.engine, model.fast = previous
+    for run in range(repeats + 1):
+        with SectionTimer(device) as timer:
+            model(images, labels, options)
+        if run:
+            runs.append(dict(timer.seconds))
     names = [s for s in (*SECTIONS, "other") if any(s in r for r in runs)]
     return {s: statistics.median(r.get(s, 0.0) for r in runs) * 1e3 for s in names}
 
 
 @torch.no_grad()
-def component_ops(model: nn.Module, images, labels, engine: str = "packed") -> tuple[dict[str, int], int]:
-    """Dispatched (non-view) ops per component of one forward and its number of host reads."""
-    previous = model.engine, model.fast
-    model.engine, model.fast = engine, False
-    try:
-        with DispatchCounter() as counter:
-            model(images, labels)
-    finally:
-        model.engine, model.fast = previous
+def component_ops(model: nn.Module, images, labels, options: InferenceOptions | None = None,
+                  engine: str = "packed") -> tuple[dict[str, int], int]:
+    """Dispatched (non-view) ops per component of one eager forward on ``engine`` and its number of host reads."""
+    with DispatchCounter() as counter:
+        model(images, labels, replace(options or InferenceOptions(), engine=engine, fast=False))
     return dict(counter.ops), len(counter.host_reads)
 
 

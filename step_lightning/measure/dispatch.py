@@ -114,7 +114,7 @@ class DispatchCounter(Probe):
         self._reading = False
         self._modes: list = []
 
-    def mark(self, section: str) -> None:
+    def mark(self, section: str, detail=None) -> None:
         self.section = section
 
     def _host_read(self, what: str) -> None:
@@ -134,3 +134,28 @@ class DispatchCounter(Probe):
     @property
     def total_ops(self) -> int:
         return sum(self.ops.values())
+
+
+# Ops CUDA's autocast leaves alone (neither cast nor promoted) that refuse mixed floating dtypes; CPU autocast
+# promotes some of them (index_copy), so a dtype mismatch that crashes on a GPU passes silently on the CPU.
+SAME_DTYPE_OPS = {
+    "index_copy", "index_copy_", "index_add", "index_add_", "index_reduce", "index_reduce_", "scatter", "scatter_",
+    "scatter_reduce", "scatter_reduce_", "masked_scatter", "masked_scatter_", "put_", "put",
+}
+
+
+class CudaDtypeRules(TorchFunctionMode):
+    """CUDA's mixed-precision rules checked on the CPU: inside the block, an op of ``SAME_DTYPE_OPS`` whose
+    floating tensor arguments differ in dtype raises, as it would under CUDA autocast. Seen at the Python level,
+    before CPU autocast promotes them. Use with ``torch.autocast("cpu", torch.bfloat16)``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in SAME_DTYPE_OPS:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            dtypes = {a.dtype for a in tensors if a.is_floating_point()}
+            if len(dtypes) > 1:
+                raise RuntimeError(f"{name}: mixed dtypes {sorted(map(str, dtypes))}, which CUDA autocast does not "
+                                   "reconcile; cast explicitly")
+        return func(*args, **kwargs)

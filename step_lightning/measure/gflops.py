@@ -3,22 +3,21 @@
 One multiply-add = one FLOP (the paper's convention), batch 1, the whole forward traced: the policy network
 and the supertoken embedding included, attention matmuls counted (fvcore cannot see inside fused
 ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``'s fused kernel: the handles below count them).
-Content-dependent methods (supertokens, early exit) are counted per image. Segmenters are counted on the
-padded reference engine (``reference_engine``): the packed engine computes the same thing on buckets
-padded with dummy rows, whose FLOPs are not the method's.
+Content-dependent methods (supertokens, early exit) are counted per image, on the forward every command runs
+(the packed store with exact sizes: no bucket rows, halted tokens gone).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 from fvcore.nn import FlopCountAnalysis
 
 from step_lightning.models.base import SegmenterBase
-from step_lightning.models.engine import reference_engine
+from step_lightning.models.engine import InferenceOptions, run_stage, store_from_rows
 
 
 def _shape(value) -> list[int]:
@@ -49,12 +48,13 @@ EXTRA_HANDLES = {
 class _TensorOutputs(torch.nn.Module):
     """fvcore's JIT trace needs tensor outputs: a segmenter's final head output, a dict's values."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, options: InferenceOptions | None):
         super().__init__()
         self.module = module
+        self.options = options
 
     def forward(self, *inputs):
-        out = self.module(*inputs)
+        out = self.module(*inputs, options=self.options) if self.options is not None else self.module(*inputs)
         if isinstance(out, torch.Tensor | tuple):
             return out
         if isinstance(out, dict):
@@ -64,80 +64,78 @@ class _TensorOutputs(torch.nn.Module):
 
 
 @torch.no_grad()
-def count_gflops(module: torch.nn.Module, *inputs: torch.Tensor | None) -> dict:
+def count_gflops(
+    module: torch.nn.Module, *inputs: torch.Tensor | None, options: InferenceOptions | None = None
+) -> dict:
     """GFLOPs of one forward of ``module`` (a segmenter, or the policy network) on ``inputs`` (an image
     [1, 3, H, W], and a label [1, H, W] that only an oracle policy reads), in eval mode: the total and
-    every submodule's share (``by_module``, dotted paths)."""
+    every submodule's share (``by_module``, dotted paths). ``options``: a segmenter's (e.g. ``force_halt``);
+    counted eagerly with exact sizes."""
     was_training = module.training
     module.eval()
-    engine = reference_engine(module) if isinstance(module, SegmenterBase) else contextlib.nullcontext()
+    if isinstance(module, SegmenterBase):
+        options = replace(options or InferenceOptions(), engine="packed", fast=False)
     try:
         inputs = tuple(x for x in inputs if x is not None)
-        with engine:
-            analysis = FlopCountAnalysis(_TensorOutputs(module), inputs).set_op_handle(**EXTRA_HANDLES)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            by_module = {k.removeprefix("module."): v / 1e9 for k, v in analysis.by_module().items() if k}
-            unsupported = dict(analysis.unsupported_ops())
+        analysis = FlopCountAnalysis(_TensorOutputs(module, options), inputs).set_op_handle(**EXTRA_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        by_module = {k.removeprefix("module."): v / 1e9 for k, v in analysis.by_module().items() if k}
+        unsupported = dict(analysis.unsupported_ops())
         return {"gflops": analysis.total() / 1e9, "by_module": by_module, "unsupported": unsupported}
     finally:
         module.train(was_training)
 
 
-def gflops_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> list[float]:
-    """Batch-1 GFLOPs of each image [N,3,H,W] (token counts, hence FLOPs, vary per image)."""
-    return [
-        count_gflops(model, images[i : i + 1], None if labels is None else labels[i : i + 1])["gflops"]
-        for i in range(len(images))
-    ]
+def training_gflops(forward: float, policy: float = 0.0) -> float:
+    """Forward + backward of a training step from its forward's GFLOPs: the backward of every matrix product
+    costs two of its forwards (gradients of inputs and of weights, the usual 3x rule), except in the frozen
+    policy network (``policy`` GFLOPs), which only runs forward."""
+    return 3.0 * (forward - policy) + policy
 
 
 
 class _Stage(torch.nn.Module):
-    """One encoder stage and the head after it, on given tokens [1, N, C] (no tokenizer): its cost is a
-    polynomial of degree 2 in N (attention N^2; projections, MLPs and the ATM heads' cross-attention N)."""
+    """One stage of the model's own forward (``run_stage``: its blocks and its head) on given tokens [1, N, C],
+    without the tokenizer: its cost is a polynomial of degree 2 in N (attention N^2; projections, MLPs and the
+    ATM heads' cross-attention N)."""
 
-    def __init__(self, model: SegmenterBase, index: int):
+    def __init__(self, model: SegmenterBase, index: int, rule):
         super().__init__()
-        self.model, self.index = model, index
+        self.model, self.index, self.rule = model, index, rule
 
     def forward(self, x: torch.Tensor):
-        model = self.model
-        if not model.exit_layers:
-            feats, start = [], 0
-            for tap in model.taps:
-                x = model.encoder.forward_blocks(x, None, start, tap)
-                feats.append(x)
-                start = tap
-            out = model.head(feats[::-1])[-1]
-            return out["class_logits"], out["mask_logits"]
-        start, end = model.stages[self.index]
-        x = model.encoder.forward_blocks(x, None, start, end)
-        if self.index < model.num_exits and not model.exit_can_halt(self.index):
-            return x  # inference skips exit heads that cannot halt
-        out = model.heads[self.index]([x])[0]
-        return out["class_logits"], out["mask_logits"]
+        store = store_from_rows(self.model, x)
+        for index in range(self.index if not self.model.cascade else 0, self.index + 1):
+            store = run_stage(self.model, store, index, self.rule)
+        return (store.x, *store.canvases, *store.class_logits)
 
 
 class ForwardCost:
     """GFLOPs of one forward from its token counts, exact: the cost of every stage as a quadratic in its
     tokens (fitted exactly on three fvcore counts) plus what does not depend on tokens (policy, embedding),
-    measured on ``image``. Lets a summary cover every image of a validation set without tracing each one."""
+    measured on ``image``. Lets a summary or a benchmark cover every image without tracing each one.
+    ``policy``: the policy network's share (it runs forward only in training)."""
 
     SAMPLES = (16, 64, 256)
 
-    def __init__(self, model: SegmenterBase, image: torch.Tensor, label: torch.Tensor | None = None):
-        stages = len(model.exit_layers) + 1
+    def __init__(self, model: SegmenterBase, image: torch.Tensor, label: torch.Tensor | None = None,
+                 options: InferenceOptions | None = None):
+        options = replace(options or InferenceOptions(), engine="packed", fast=False)
+        stages = len(model.exit_layers) + 1  # a cascaded head: all its stages counted as one
         self.quadratics = []
         with torch.no_grad():
             for index in range(stages):
                 width = model.encoder.embed_dim
-                counts = [count_gflops(_Stage(model, index), torch.zeros(1, n, width))["gflops"] for n in self.SAMPLES]
+                stage = _Stage(model, index if not model.cascade else len(model.stages) - 1, options.rule(model))
+                counts = [count_gflops(stage, image.new_zeros(1, n, width))["gflops"] for n in self.SAMPLES]
                 self.quadratics.append(np.polyfit(self.SAMPLES, counts, 2))
             was_training = model.training
-            out = model.eval()(image, label)
+            out = model.eval()(image, label, options)
             model.train(was_training)
         active = out.extras["active_after"][0].tolist() if "active_after" in out.extras else []
-        self.fixed = count_gflops(model, image, label)["gflops"] - self.variable(int(out.tokens[0]), active)
+        counted = count_gflops(model, image, label, options=options)
+        self.policy = counted["by_module"].get("tokenizer.policy", 0.0)
+        self.fixed = counted["gflops"] - self.variable(int(out.tokens[0]), active)
 
     def variable(self, tokens: int, active_after: list[int]) -> float:
         return float(sum(np.polyval(q, n) for q, n in zip(self.quadratics, [tokens, *active_after], strict=True)))

@@ -1,26 +1,29 @@
 """Where one forward's time and GFLOPs go: the tokenizer, each encoder block, each head, and the early-exit
-halting and selection steps, timed with hooks (synchronised on CUDA) and counted with fvcore."""
+halting and selection steps, timed from the forward's own component marks (synchronised on CUDA) and counted
+with fvcore."""
 
 from __future__ import annotations
-
-import time
-from collections import defaultdict
 
 import torch
 from torch import nn
 
+from step_lightning.measure.components import SectionTimer
 from step_lightning.measure.gflops import count_gflops
-from step_lightning.measure.timing import synchronize
 from step_lightning.models.base import SegmenterBase
+from step_lightning.models.engine import InferenceOptions
 
 
 def components(model: SegmenterBase) -> dict[str, nn.Module]:
     """Timed modules in execution order, by display name (fvcore module path in ``module_paths``)."""
     parts = {"tokenizer": model.tokenizer}
     parts |= {f"block {i + 1}": block for i, block in enumerate(model.encoder.blocks)}
-    parts |= {f"exit head {i + 1} (L{layer})": model.heads[i] for i, layer in enumerate(model.exit_layers)}
+    parts |= {exit_label(model, i): model.stage_head(i) for i in range(model.num_exits)}
     parts["final head" if model.exit_layers else "head"] = model.final_head
     return parts
+
+
+def exit_label(model: SegmenterBase, index: int) -> str:
+    return f"exit head {index + 1} (L{model.exit_layers[index]})"
 
 
 def module_paths(model: SegmenterBase) -> dict[str, list[str]]:
@@ -31,55 +34,50 @@ def module_paths(model: SegmenterBase) -> dict[str, list[str]]:
     return paths
 
 
-class Timer:
-    """Accumulates wall time per label for one forward; hooks and method wrappers feed it."""
+class LayerTimer(SectionTimer):
+    """Wall time per component of ``components`` (and the halting rule, token selection, host reads, other),
+    and the rows each block and head ran on (forward pre-hooks)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
+    TOKENIZER = ("policy", "layout", "embed")
+
+    def __init__(self, device: torch.device, model: SegmenterBase):
+        super().__init__(device)
+        self.model = model
         self.tokens: dict[str, int] = {}
-        self._start: dict[str, float] = {}
 
-    def begin(self, label: str) -> None:
-        synchronize(self.device)
-        self._start[label] = time.perf_counter()
+    def label(self, section: str, detail) -> str:
+        model = self.model
+        if section in self.TOKENIZER:
+            return "tokenizer"
+        if section == "blocks":
+            return f"block {detail + 1}"
+        if section == "heads":
+            return "final head" if model.exit_layers else "head"
+        if section == "exits":
+            kind, index = detail
+            return {"head": exit_label(model, index), "rule": "halting rule", "select": "token selection"}[kind]
+        if section == "read":
+            return "host reads"
+        return "other"
 
-    def end(self, label: str) -> None:
-        synchronize(self.device)
-        self.seconds[label] += time.perf_counter() - self._start.pop(label)
-
-    def attach(self, model: nn.Module) -> list:
+    def attach(self) -> list:
         handles = []
-        for label, module in components(model).items():
+        for label, module in components(self.model).items():
+            if label == "tokenizer":
+                continue
 
             def pre(_module, args, label=label):
                 x = args[0]
-                if isinstance(x, list):  # heads read a list of feature tensors
-                    self.tokens[label] = x[0].shape[1]
-                elif label.startswith("block"):
-                    self.tokens[label] = x.shape[1]
-                self.begin(label)
+                self.tokens[label] = (x[0] if isinstance(x, list) else x).shape[0]  # rows (batch 1: tokens)
 
             handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(lambda *_, label=label: self.end(label)))
-        if model.exit_layers:
-            for attr, label in (("halt", "halting rule"), ("_compact", "token selection")):
-                setattr(model, attr, self.wrap(getattr(model, attr), label))
         return handles
 
-    def wrap(self, method, label: str):
-        def timed(*args, **kwargs):
-            self.begin(label)
-            result = method(*args, **kwargs)
-            self.end(label)
-            return result
 
-        return timed
-
-
-def gflops_by_component(model: SegmenterBase, image: torch.Tensor, label: torch.Tensor) -> tuple[dict, float]:
+def gflops_by_component(model: SegmenterBase, image: torch.Tensor, label: torch.Tensor,
+                        options: InferenceOptions | None = None) -> tuple[dict, float]:
     """Per-component GFLOPs (plus 'other') and the total of one batch-1 forward."""
-    counted = count_gflops(model, image, label)
+    counted = count_gflops(model, image, label, options=options)
     by_module, total = counted["by_module"], counted["gflops"]
     result = {label: sum(by_module.get(p, 0.0) for p in paths) for label, paths in module_paths(model).items()}
     result["other"] = total - sum(result.values())

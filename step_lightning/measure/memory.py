@@ -6,7 +6,6 @@ import ctypes
 import gc
 
 import torch
-from torch import nn
 
 from step_lightning.measure.timing import synchronize
 
@@ -26,16 +25,17 @@ def _release_free_heap() -> None:
     libc.malloc_trim(0)
 
 
-def forward_memory_mb(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """Memory one forward needs beyond what is resident before it (weights, inputs): CUDA peak allocated,
-    or CPU peak RSS (None where /proc/self/clear_refs cannot reset the peak)."""
+def forward_memory_mb(forward, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Memory one call of ``forward(images, labels)`` (a forward, or a training step) needs beyond what is
+    resident before it (weights, inputs): CUDA peak allocated, or CPU peak RSS (None where
+    /proc/self/clear_refs cannot reset the peak)."""
     device = images.device
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        model(images, labels)
+        forward(images, labels)
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     try:
@@ -43,7 +43,7 @@ def forward_memory_mb(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
         base = _rss_kb("VmRSS:")
-        model(images, labels)
+        forward(images, labels)
         return (_rss_kb("VmHWM:") - base) / 1024
     except OSError:  # no /proc/self/clear_refs or no glibc
         return None

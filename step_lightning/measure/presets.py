@@ -9,6 +9,7 @@ for that method only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from hydra import compose, initialize_config_module
@@ -21,6 +22,7 @@ from step_lightning.config.checks import check_config
 from step_lightning.config.model import build_model_from_config
 from step_lightning.core import ConfigError
 from step_lightning.models.base import SegmenterBase
+from step_lightning.models.engine import InferenceOptions
 
 # Timed engines of the benchmark: the padded reference, the packed engine, packed + fast (graphs/compile, fused
 # policy; see step_lightning.models.engine).
@@ -87,33 +89,35 @@ def share_weights(model: nn.Module, donors: list[nn.Module]) -> None:
 
 
 def build_models(configs: dict[str, DictConfig], num_classes: int, ignore_index: int) -> dict[str, SegmenterBase]:
-    """One eval-mode model per config, sharing the tensors of the models built before it; the config's
-    ``force_halt`` is applied (early-exit models use it)."""
+    """One eval-mode model per config, sharing the tensors of the models built before it."""
     models: dict[str, SegmenterBase] = {}
     for name, cfg in configs.items():
         check_config(cfg)
         torch.manual_seed(cfg.seed)
         model = build_model_from_config(cfg, num_classes, ignore_index)
         share_weights(model, list(models.values()))
-        model.force_halt = cfg.get("force_halt")
         models[name] = model.eval()
     return models
 
 
-def apply_engine(model: SegmenterBase, cfg: DictConfig) -> SegmenterBase:
-    """The config's inference engine (``engine``: packed | padded, ``fast``) on ``model``."""
-    model.engine = cfg.get("engine", "packed")
-    model.fast = bool(cfg.get("fast", False))
-    return model
+def engine_options(options: InferenceOptions, engine: str) -> InferenceOptions:
+    """``options`` on one of the benchmark's ``ENGINES``."""
+    return replace(options, engine="padded" if engine == "padded" else "packed", fast=engine == "fast")
 
 
-def engine_forward(model: SegmenterBase, engine: str):
-    """``forward(images, labels)`` of ``model`` on one of ``ENGINES`` (set at every call: timed passes of
-    several engines interleave)."""
-    engine_name, fast = ("padded", False) if engine == "padded" else ("packed", engine == "fast")
+def engine_forward(model: SegmenterBase, options: InferenceOptions, engine: str):
+    """``forward(images, labels)`` of ``model`` with ``options`` on one of ``ENGINES``."""
+    options = engine_options(options, engine)
+    return lambda images, labels: model(images, labels, options)
 
-    def forward(images, labels):
-        model.engine, model.fast = engine_name, fast
-        return model(images, labels)
 
-    return forward
+def training_step(model: SegmenterBase, criterion: nn.Module, autocast):
+    """``step(images, labels)``: one training forward, the ATM loss and its backward (gradients discarded)."""
+
+    def step(images, labels):
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            out = model(images, labels)
+        criterion(out.outputs, labels)["loss"].backward()
+
+    return step

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from step_lightning.core import PATCH_SIZE
-from step_lightning.models.base import SegmenterBase, SegmenterOutput
+from step_lightning.models.base import SegmenterBase
+from step_lightning.models.engine import InferenceOptions, SegmenterOutput
 from step_lightning.models.inference import predict_padded
 from step_lightning.tokens.layout import unshare
 
@@ -77,12 +78,13 @@ def token_maps(out: SegmenterOutput, height: int, width: int) -> tuple[Tensor, T
 
 
 def panels_for(
-    model: SegmenterBase, images: Tensor, labels: Tensor | None, palette, mean, std
+    model: SegmenterBase, images: Tensor, labels: Tensor | None, palette, mean, std,
+    options: InferenceOptions | None = None,
 ) -> list[list[tuple[str, np.ndarray]]]:
     """Per image, the (title, uint8 [H, W, 3]) panels: input, superpatches, halted tokens per exit,
     prediction and, with ``labels`` (aligned with ``images``; they also feed an oracle policy), ground truth."""
     height, width = images.shape[-2:]
-    scores, out = predict_padded(model, images, labels)
+    scores, out = predict_padded(model, images, labels, options)
     pixel_ids, halted_at = token_maps(out, height, width)
     count = out.tokens.shape[0]
     prediction = scores.argmax(1)
@@ -127,12 +129,14 @@ def render(panels: list[tuple[str, np.ndarray]], title: str = "") -> np.ndarray:
 
 @torch.no_grad()
 def render_panels(
-    model, images: Tensor, labels: Tensor | None, palette, mean, std, names: Sequence[str]
+    model, images: Tensor, labels: Tensor | None, palette, mean, std, names: Sequence[str],
+    options: InferenceOptions | None = None,
 ) -> list[np.ndarray]:
     """Rendered figure per image (model in eval mode is the caller's business); ``labels`` None: no ground
     truth panel."""
     return [
-        render(p, name) for p, name in zip(panels_for(model, images, labels, palette, mean, std), names, strict=True)
+        render(p, name)
+        for p, name in zip(panels_for(model, images, labels, palette, mean, std, options), names, strict=True)
     ]
 
 

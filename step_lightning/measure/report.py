@@ -9,12 +9,13 @@ from step_lightning.core.files import atomic_write_text, write_json
 from step_lightning.models.engine import SECTIONS
 
 
-def add_ratios(results: dict[str, dict], reference: str) -> None:
-    """GFLOPs ratio = reference / method (x-fold reduction), throughput ratio = method / reference;
-    their quotient is 1 when the time saved is proportional to the FLOPs saved."""
+def add_ratios(results: dict[str, dict], reference: str, cost: str = "gflops") -> None:
+    """GFLOPs ratio = reference / method (x-fold reduction) of ``cost`` (``gflops``, or ``training_gflops`` for
+    training steps), throughput ratio = method / reference; their quotient is 1 when the time saved is
+    proportional to the FLOPs saved."""
     ref = results[reference]
     for row in results.values():
-        row["gflops_ratio"] = ref["gflops"] / row["gflops"]
+        row["gflops_ratio"] = ref[cost] / row[cost]
         row["throughput_ratio"] = row["images_per_s"] / ref["images_per_s"]
         row["throughput_per_gflops_ratio"] = row["throughput_ratio"] / row["gflops_ratio"]
 
@@ -31,6 +32,7 @@ COLUMNS = (
     ("method", "method", "{}"),
     ("mIoU", "mIoU", "{:.2f}"),
     ("GFLOPs", "gflops", "{:.1f}"),
+    ("train GFLOPs", "training_gflops", "{:.1f}"),
     ("GFLOPs ratio", "gflops_ratio", "{:.2f}"),
     ("img/s", "images_per_s", "{:.3f}"),
     ("throughput ratio", "throughput_ratio", "{:.2f}"),
@@ -66,13 +68,15 @@ def markdown_table(results: dict[str, dict]) -> str:
 def engines_table(results: dict[str, dict]) -> str:
     """Per method and engine: images/s, speedup over the reference method, speedup / GFLOPs ratio."""
     engines = list(next(iter(results.values())).get("images_per_s_by_engine", {}))
-    head = ["method", "GFLOPs ratio"] + [f"{e} {k}" for e in engines for k in ("img/s", "speedup", "speedup/GFLOPs")]
+    head = ["method", "GFLOPs ratio"] + [f"{e} {k}" for e in engines
+                                         for k in ("img/s", "img/s min-max", "speedup", "speedup/GFLOPs")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
         cells = [name, f"{row['gflops_ratio']:.2f}"]
         for e in engines:
-            cells += [f"{row['images_per_s_by_engine'][e]:.3f}", f"{row['speedup_by_engine'][e]:.2f}",
-                      f"{row['speedup_per_gflops_by_engine'][e]:.2f}"]
+            low, high = row.get("images_per_s_spread", {}).get(e, (float("nan"),) * 2)
+            cells += [f"{row['images_per_s_by_engine'][e]:.3f}", f"{low:.3f}-{high:.3f}",
+                      f"{row['speedup_by_engine'][e]:.2f}", f"{row['speedup_per_gflops_by_engine'][e]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,6 +122,17 @@ def write_plots(results: dict[str, dict], out_dir: Path, title: str) -> list[Pat
     return paths
 
 
+def profile_table(results: dict[str, dict]) -> str:
+    rows = [(name, engine, p) for name, row in results.items() for engine, p in row.get("profile", {}).items()]
+    if not rows:
+        return ""
+    lines = ["| method | engine | wall ms | GPU ms | kernels | GPU idle |", "|---|---|---|---|---|---|"]
+    for name, engine, p in rows:
+        lines.append(f"| {name} | {engine} | {p['wall_ms']:.2f} | {p['gpu_busy_ms']:.2f} | {p['kernels']:.0f} | "
+                     f"{p['gpu_idle_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
 def write_outputs(report: dict, out_dir: Path) -> Path:
     results = report["methods"]
     setting = report["setting"]
@@ -136,6 +151,9 @@ def write_outputs(report: dict, out_dir: Path) -> Path:
         tables.append("Packed engine per component (eager, synchronised at each component; ms per forward of one "
                       "batch / dispatched non-view ops; fixed = policy + layout + embed + exits + read):\n\n"
                       + components)
+    if profiles := profile_table(results):
+        tables.append("Under torch.profiler (one pass; per batch): wall ms, GPU kernel ms, kernels, GPU idle share:\n\n"
+                      + profiles)
     atomic_write_text(out_dir / "benchmark.md", header + "\n\n" + "\n\n".join(tables) + "\n")
     with open(out_dir / "benchmark.csv", "w", newline="") as file:
         writer = csv.writer(file)

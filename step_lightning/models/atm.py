@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from step_lightning.models.packed import Packing, cross_attention, use_flash_varlen
 
 HEAD_DIM = 32  # SegViT keeps 32 channels per decoder attention head for every width
 
@@ -22,7 +24,11 @@ def init_weights(module: nn.Module) -> None:
 
 
 class ATMCrossAttention(nn.Module):
-    """Queries attend to image tokens; the head-averaged pre-softmax similarity is the mask logit map."""
+    """Queries attend to image tokens; the head-averaged pre-softmax similarity is the mask logit map.
+
+    The head mean of the per-head similarities (1/H) sum_h q_h . k_h / sqrt(d) equals (q . k) / (H sqrt(d))
+    with q, k the full-width projections: the mask logits are ONE GEMM per image on the dense view of the keys,
+    no per-head [B, H, K, N] similarity tensor and no mean."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.1):
         super().__init__()
@@ -35,20 +41,30 @@ class ATMCrossAttention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
 
     def forward(
-        self, queries: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, k, d = queries.shape
-        n = memory.shape[1]
-        q = self.q(queries).reshape(b, k, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k(memory).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v(memory).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        sim = (q @ key.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, heads, K, N]
-        mask_logits = sim.mean(dim=1)
-        if key_padding_mask is not None:
-            sim = sim.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        attn = self.attn_drop(sim.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(b, k, d)
-        return self.proj(out), mask_logits
+        self, queries: Tensor, memory: Tensor, packing: Packing, mask_logits: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """queries [B, K, D] over each image's rows of memory [rows, D] -> attended [B, K, D] and, if asked,
+        the mask logits token-major on the dense view [B, L, K]."""
+        heads, head_dim = self.num_heads, self.head_dim
+        b, num_queries, dim = queries.shape
+        q = self.q(queries)
+        k = self.k(memory)
+        v = self.v(memory)
+        dropout = self.attn_drop.p if self.training else 0.0
+        k_dense = packing.to_dense(k) if mask_logits or not use_flash_varlen(q, packing) else None  # [B, L, D]
+        attended = cross_attention(
+            q.view(b, num_queries, heads, head_dim),
+            k.view(-1, heads, head_dim),
+            v.view(-1, heads, head_dim),
+            packing,
+            1.0 / math.sqrt(head_dim),
+            None if k_dense is None else k_dense.view(b, -1, heads, head_dim),
+            dropout,
+        ).reshape(b, num_queries, dim)
+        logits = None
+        if mask_logits:
+            logits = torch.bmm(k_dense, (q * (1.0 / (heads * math.sqrt(head_dim)))).transpose(1, 2))
+        return self.proj(attended), logits
 
 
 class ATMDecoderLayer(nn.Module):
@@ -65,13 +81,13 @@ class ATMDecoderLayer(nn.Module):
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
     def forward(
-        self, queries: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, queries: Tensor, memory: Tensor, packing: Packing, mask_logits: bool
+    ) -> tuple[Tensor, Tensor | None]:
         queries = self.norm1(queries + self.drop1(self.self_attn(queries, queries, queries, need_weights=False)[0]))
-        attended, mask_logits = self.cross_attn(queries, memory, key_padding_mask)
+        attended, logits = self.cross_attn(queries, memory, packing, mask_logits)
         queries = self.norm2(queries + self.drop2(attended))
         queries = self.norm3(queries + self.drop3(self.ffn(queries)))
-        return queries, mask_logits
+        return queries, logits
 
 
 class ATMStage(nn.Module):
@@ -83,13 +99,13 @@ class ATMStage(nn.Module):
         self.input_norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(ATMDecoderLayer(dim, num_heads, dropout) for _ in range(num_layers))
 
-    def forward(
-        self, queries: torch.Tensor, feats: torch.Tensor, key_padding_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: Tensor, feats: Tensor, packing: Packing) -> tuple[Tensor, Tensor]:
+        """Only the last layer's mask logits are used (SegViT), so only the last layer computes them."""
         memory = self.input_norm(self.input_proj(feats))
-        for layer in self.layers:
-            queries, mask_logits = layer(queries, memory, key_padding_mask)
-        return queries, mask_logits  # only the last layer's map is used
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            queries, logits = layer(queries, memory, packing, mask_logits=i == last)
+        return queries, logits
 
 
 class ATMHead(nn.Module):
@@ -98,7 +114,9 @@ class ATMHead(nn.Module):
     With several inputs this is SegViT's cascaded head: queries flow from stage to stage and mask maps
     accumulate (M_s = M_{s-1} + S_s). With one input it is DToP's independent exit head.
     ``presence_only`` switches the class classifier from K+1 ways (SegViT) to 2 ways (DToP exits).
-    Returns one output per stage, each ``{"class_logits": [B,K,K+1 or 2], "mask_logits": [B,K,N]}``.
+    The features are token rows [rows, C] of a ``Packing`` (packed or padded); returns one output per stage,
+    each ``{"class_logits": [B, K, K+1 or 2], "mask_logits": token-major on the dense view [B, L, K]}`` (padding
+    slots hold arbitrary values).
     """
 
     def __init__(
@@ -125,13 +143,11 @@ class ATMHead(nn.Module):
         self.class_embed = nn.Linear(dim, 2 if presence_only else num_classes + 1)
         init_weights(self)
 
-    def forward(
-        self, feats: list[torch.Tensor], key_padding_mask: torch.Tensor | None = None
-    ) -> list[dict[str, torch.Tensor]]:
-        queries = self.queries.weight.unsqueeze(0).expand(feats[0].shape[0], -1, -1)
+    def forward(self, feats: list[Tensor], packing: Packing) -> list[dict[str, Tensor]]:
+        queries = self.queries.weight.unsqueeze(0).expand(packing.batch, -1, -1)
         outputs, masks = [], None
         for stage, stage_feats in zip(self.stages, feats, strict=True):
-            queries, stage_masks = stage(queries, stage_feats, key_padding_mask)
+            queries, stage_masks = stage(queries, stage_feats, packing)
             masks = stage_masks if masks is None else masks + stage_masks
             outputs.append({"class_logits": self.class_embed(queries), "mask_logits": masks})
         return outputs

@@ -3,7 +3,9 @@
 ``read_checkpoint`` turns unreadable files into one-line errors; ``load_weights`` loads a segmenter's
 tensors strictly (the default: every tensor must match) or, with ``strict=False``, copies only the tensors
 whose name and shape match (starting a new model from another run, e.g. DToP's phase 2 with new exit
-heads); ``load_policy`` rebuilds the frozen dCTS policy network of a policy-training checkpoint.
+heads), at least ``min_fraction`` of the model's (``matching_tensors``, also run on a model on the meta device
+before a training starts); ``load_policy`` rebuilds the frozen dCTS policy network of a policy-training
+checkpoint.
 """
 
 from __future__ import annotations
@@ -54,38 +56,69 @@ def model_state(checkpoint: dict, prefix: str = MODEL_PREFIX) -> dict[str, torch
 class Loaded:
     checkpoint: dict  # the whole file: hyper-parameters, callbacks' states, ...
     tensors: int  # tensors copied into the model
-    total: int  # tensors of the model
+    total: int  # tensors of the model (not strict: the policy network's left out)
+
+
+def policy_tensors(model: nn.Module) -> set[str]:
+    """Names of the model's tensors that belong to a policy network: ``policy=`` gives them, never a
+    segmenter checkpoint that only initialises the model."""
+    return {f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, PolicyNet)
+            for key in module.state_dict()}
+
+
+def matching_tensors(model: nn.Module, checkpoint: dict, min_fraction: float, where: str) -> tuple[dict, int]:
+    """The checkpoint's tensors whose name and shape match ``model``'s, its policy network left out, and the
+    number of the model's tensors they could fill; ConfigError when they fill less than ``min_fraction``."""
+    skip = policy_tensors(model)
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
+    state = model_state(checkpoint)
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ConfigError(f"{where} shares no weights with this model; is it a step-lightning checkpoint?")
+    if len(matched) < min_fraction * len(own):
+        unmatched = [k for k in own if k not in matched]
+        example = next((k for k in unmatched if k in state), unmatched[0])  # a shape mismatch tells the most
+        why = f"file {tuple(state[example].shape)}, model {tuple(own[example].shape)}" if example in state else "absent"
+        raise ConfigError(
+            f"{where} fills {len(matched)}/{len(own)} of this model's tensors, fewer than init_from_min_fraction="
+            f"{min_fraction:g} (e.g. {example}: {why}); it was trained with another backbone or method: give a "
+            "checkpoint of this model, or set init_from_min_fraction=0 to start from its matching tensors on purpose."
+        )
+    return matched, len(own)
 
 
 def load_weights(
-    model: nn.Module, source: str | Path | dict, *, strict: bool = True, key: str = "ckpt_path"
+    model: nn.Module, source: str | Path | dict, *, strict: bool = True, min_fraction: float = 0.0,
+    key: str = "ckpt_path",
 ) -> Loaded:
     """Load a step_lightning segmenter checkpoint (a path, or a dict ``read_checkpoint`` returned) into ``model``.
 
     strict: every tensor of the model must be in the file with its shape, and nothing else (one-line error
-    naming how many differ and one example). Not strict: copy the tensors whose name and shape match and
-    keep the others' initialisation; at least one must match.
+    naming how many differ and one example). Not strict: copy the tensors whose name and shape match, the
+    policy network's excepted, and keep the others' initialisation; they must fill at least ``min_fraction``
+    of the model's tensors, and at least one.
     """
     checkpoint = source if isinstance(source, dict) else read_checkpoint(source, key)
     where = f"{key}={source}" if not isinstance(source, dict) else key
+    if not strict:
+        matched, total = matching_tensors(model, checkpoint, min_fraction, where)
+        model.load_state_dict(matched, strict=False)
+        return Loaded(checkpoint, len(matched), total)
     state = model_state(checkpoint)
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if strict:
-        missing = [k for k in own if k not in matched]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            reshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
-            example = (reshaped or missing or unexpected)[0]
-            shape = f" (file {tuple(state[example].shape)}, model {tuple(own[example].shape)})" if reshaped else ""
-            raise ConfigError(
-                f"{where} does not fit this model: {len(missing)} tensors missing or of another shape, "
-                f"{len(unexpected)} unexpected (e.g. {example}{shape}); it was trained with another backbone, "
-                "method or dataset: use it with the settings it was trained with."
-            )
-    elif not matched:
-        raise ConfigError(f"{where} shares no weights with this model; is it a step-lightning checkpoint?")
-    model.load_state_dict(matched, strict=strict)
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        reshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+        example = (reshaped or missing or unexpected)[0]
+        shape = f" (file {tuple(state[example].shape)}, model {tuple(own[example].shape)})" if reshaped else ""
+        raise ConfigError(
+            f"{where} does not fit this model: {len(missing)} tensors missing or of another shape, "
+            f"{len(unexpected)} unexpected (e.g. {example}{shape}); it was trained with another backbone, "
+            "method or dataset: use it with the settings it was trained with."
+        )
+    model.load_state_dict(matched, strict=True)
     return Loaded(checkpoint, len(matched), len(own))
 
 

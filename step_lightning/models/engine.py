@@ -1,47 +1,44 @@
-"""The packed inference engine: every eval-mode forward of a segmenter (``model.engine = "packed"``, default).
+"""The one forward of every segmenter: tokenize -> stages of blocks -> head(s) -> canvas -> unshare.
 
-The surviving tokens of the whole batch live in one [rows, C] buffer (``step_lightning.models.packed``):
-no per-image padding, no key masks in the encoder, variable-length attention. The forward is a few
-*segments* of static shapes separated by at most one host read per decision:
+Training, inference, GFLOPs counting and export all run ``forward`` below over a ``TokenStore``: the tokens of
+the whole batch as rows [T, C] with their ``Packing`` (``step_lightning.models.packed``), the canvas of mask
+logits and the halting bookkeeping. A stage is written once (``run_stage``): the encoder blocks over the rows
+(``RowBlock``: timm's block, attention kernel chosen by the packing), the stage's head (ATM over rows), the
+canvas painted with its logits and, at an exit, the halting rule's decision. Two stores differ only in how
+halted tokens leave:
 
-* tokenizer (policy or oracle scores -> dCTS/CTS size map -> token counts);
-  READ 1 (dCTS only): total and longest token count after the layout, rounded up the bucket ladder;
-* [pack the layout + pyramid embedding] -> blocks -> head(s), halting at an exit that can halt;
-  READ 2.. (early exit only): total and longest survivor count after each exit that can halt;
-* compaction of the survivors (cumsum + index_copy, no argsort) -> blocks -> ... -> final head ->
-  one unshare of every head's mask logits to the patch grid.
+* packed (``engine="packed"``, default for training and inference): rows packed without padding; halted rows
+  are removed (a host read of the survivor count sizes the next stage), so later blocks cost fewer tokens;
+* padded (``engine="padded"``): image b in rows b * L .., halted tokens stay as frozen rows masked out as
+  keys; static shapes (torch.export, and the oracle the tests compare the packed store with).
 
-Reads per forward: SegViT 0, CTS 0 (T = B * (Hp*Wp - 3k) is known from shapes), dCTS 1, early exit
-1 (dCTS only) + one per exit that can halt. They all go through ``read_sizes``; nothing else in the engine
-leaves the device (tests/test_models_engine.py counts host reads at the dispatcher).
-
-Between two reads shapes depend only on (batch, image size, bucket), so each segment can be captured:
-``model.fast = True`` runs the segments as CUDA graphs captured per bucket (``fast_backend="cudagraphs"``,
-the default) or through ``torch.compile(fullgraph=True, dynamic=False)`` specialised per bucket
-(``"compile"``: mode reduce-overhead, i.e. inductor + CUDA graphs; ``"compile:eager"``: dynamo only, for
-tracing checks on any device), and uses the policy network with BatchNorm folded in channels_last. On CPU
-``fast`` with the default backend runs the same segments eagerly (only the fused policy differs).
-
-``model.engine = "padded"`` selects the padded reference (per-image padding, key masks, argsort
-compaction) for debugging; training always runs the static masked computation.
+Host reads (all through ``read_sizes``; each marked ``# READ``; tests/test_models_engine.py counts them at the
+dispatcher): SegViT 0, CTS 0 (tokens known from shapes), dCTS 1 (tokens after the layout), early exit one more
+per exit that can halt (packed store). Between two reads shapes depend only on (batch, image size, sizes), so
+with ``InferenceOptions.fast`` the code between reads (a *segment*) runs as a CUDA graph captured per bucket
+(``fast_backend="cudagraphs"``) or compiled (``"compile"``: inductor + CUDA graphs; ``"compile:eager"``: dynamo
+only, for tracing checks on any device), with sizes rounded up the bucket ladder and the fused policy. On CPU
+``fast`` with the default backend runs the same segments eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from step_lightning.models.base import SegmenterOutput
-from step_lightning.models.packed import Packing, block_rows, bucket
-from step_lightning.models.packed_heads import atm_head_rows
-from step_lightning.models.tokenizer import SupertokenTokenizer, patch_grid
-from step_lightning.tokens.embed import SupertokenEmbed
-from step_lightning.tokens.layout import TokenLayout, cts_k_for_grid, cts_size_map, dcts_size_map
+from step_lightning.core import ConfigError
+from step_lightning.models.halting import BudgetHalting, ForcedHalting, HaltingRule
+from step_lightning.models.packed import Packing, bucket
+from step_lightning.models.tokenizer import patch_grid
+from step_lightning.tokens.budget import budget_tokens
+from step_lightning.tokens.embed import embed_pyramid
+from step_lightning.tokens.layout import TokenLayout
 from step_lightning.tokens.packed import PackedLayout, pack_layout, token_starts
 from step_lightning.tokens.policy import fused_policy
 
@@ -49,6 +46,59 @@ ENGINES = ("packed", "padded")
 FAST_BACKENDS = ("cudagraphs", "compile", "compile:eager")
 # Components a probe sees (``probing``): dispatched ops and time are attributed to the last one marked.
 SECTIONS = ("policy", "layout", "embed", "blocks", "heads", "exits", "read", "output")
+MAX_GRAPHS = 64  # captured graphs kept per model (least recently used dropped): bounded memory in long evals
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How an eval-mode forward runs (training always runs the packed store, eagerly).
+
+    engine: ``packed`` or ``padded`` (the static-shape store); fast: segments as CUDA graphs / compiled
+    (``fast_backend``) with the fused policy; force_halt: a speed-study knob replacing the model's halting rule
+    by ``ForcedHalting`` (that fraction of each image's tokens halts at the first exit). Compute budgets of a
+    trained model (no retraining): ``budget`` (dCTS: at most that fraction of the patches, or that many tokens,
+    per image) and ``halt_budget`` (every exit halts that fraction of each image's tokens, ``BudgetHalting``).
+    With both, a forward has static shapes and no host read."""
+
+    engine: str = "packed"
+    fast: bool = False
+    fast_backend: str = "cudagraphs"
+    force_halt: float | None = None
+    budget: float | None = None
+    halt_budget: float | None = None
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine={self.engine} must be one of {', '.join(ENGINES)}.")
+        if self.fast_backend not in FAST_BACKENDS:
+            raise ConfigError(f"fast_backend={self.fast_backend} must be one of {', '.join(FAST_BACKENDS)}.")
+        if self.force_halt is not None:
+            ForcedHalting(self.force_halt)  # validates the fraction
+        if self.halt_budget is not None:
+            BudgetHalting(self.halt_budget)
+        if self.budget is not None:
+            budget_tokens(self.budget, (1, 1))  # validates the value
+
+    @classmethod
+    def from_config(cls, cfg) -> InferenceOptions:
+        """From a command's config keys ``engine``, ``fast``, ``fast_backend``, ``force_halt``, ``budget``,
+        ``halt_budget`` (all optional)."""
+
+        def number(key):
+            value = cfg.get(key)
+            return None if value is None else value if isinstance(value, int | float) else float(value)
+
+        return cls(str(cfg.get("engine", "packed")), bool(cfg.get("fast", False)),
+                   str(cfg.get("fast_backend", "cudagraphs")), number("force_halt"), number("budget"),
+                   number("halt_budget"))
+
+    def rule(self, model: nn.Module) -> HaltingRule:
+        if self.force_halt is not None:
+            return ForcedHalting(self.force_halt)
+        if self.halt_budget is not None:
+            base = model.halting
+            return BudgetHalting(self.halt_budget, getattr(base, "keep_top_k", 5), model.num_classes)
+        return model.halting
 
 
 # ---------------------------------------------------------------- probes and the one host read
@@ -57,9 +107,10 @@ _PROBE = None
 
 
 class Probe:
-    """Told where the engine is: ``mark(section)`` at each component boundary (eager segments only)."""
+    """Told where the forward is: ``mark(section, detail)`` at each component boundary (eager segments only);
+    ``detail``: the block index in "blocks", ("head" | "rule" | "select", exit index) in "exits"."""
 
-    def mark(self, section: str) -> None:  # pragma: no cover - interface
+    def mark(self, section: str, detail=None) -> None:  # pragma: no cover - interface
         pass
 
 
@@ -74,24 +125,40 @@ def probing(probe: Probe):
         _PROBE = previous
 
 
-def mark(section: str) -> None:
+def mark(section: str, detail=None) -> None:
     if _PROBE is not None:
-        _PROBE.mark(section)
+        _PROBE.mark(section, detail)
 
 
 def host_read(values: Tensor) -> list[int]:
-    """The engine's only device -> host transfer (one small int64 vector)."""
-    return values.tolist()
+    """The forward's only device -> host transfer (one small int64 vector). Allowed under
+    ``torch.cuda.set_sync_debug_mode("error")``, which then catches every other sync of a forward."""
+    if not values.is_cuda:
+        return values.tolist()
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        return values.tolist()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
-def read_sizes(counts: Tensor, cap_rows: int, cap_len: int) -> tuple[int, int, int]:
-    """Host read: total and longest of ``counts`` [B] -> (rows, dense length, longest). rows = the bucket
-    of the total (<= cap_rows), dense length = the bucket of the longest (<= cap_len; = rows at batch 1)."""
+def read_sizes(counts: Tensor, cap_rows: int, cap_len: int, bucketed: bool) -> tuple[int, int, int]:
+    """Host read: total and longest of ``counts`` [B] -> (rows, dense length, longest). Exact sizes, or the
+    buckets of the total (<= cap_rows) and of the longest (<= cap_len); dense length = rows at batch 1."""
     mark("read")
     total, longest = host_read(torch.stack((counts.sum(), counts.max())))
-    rows = bucket(total, cap_rows)
-    length = rows if counts.shape[0] == 1 else bucket(longest, cap_len)
-    return rows, length, longest
+    rows = bucket(total, cap_rows) if bucketed else total
+    length = bucket(longest, cap_len) if bucketed else longest
+    return rows, rows if counts.shape[0] == 1 else length, longest
+
+
+def read_longest(counts: Tensor) -> int:
+    """Host read of the padded store: the longest image (symbolic under torch.export, at least 2 so that
+    attention never treats a one-token sequence as a broadcast)."""
+    mark("read")
+    (longest,) = host_read(counts.max()[None])
+    return torch.sym_max(longest, 2) if isinstance(longest, torch.SymInt) else longest
 
 
 # ---------------------------------------------------------------- running segments eagerly, as graphs, compiled
@@ -99,17 +166,23 @@ def read_sizes(counts: Tensor, cap_rows: int, cap_len: int) -> tuple[int, int, i
 
 class SegmentRunner:
     """Runs a segment ``fn(*args)`` (args: a pytree of tensors and static values). ``eager`` calls it;
-    ``cudagraphs`` captures one CUDA graph per (segment, static values, tensor shapes) on first use and
-    replays it; ``compile`` / ``compile:eager`` call ``torch.compile(fn, fullgraph=True, dynamic=False)``,
-    which specialises per bucket the same way. Outputs of graphs are cloned (the graph reuses its buffers)."""
+    ``cudagraphs`` captures one CUDA graph per (segment, settings, grad mode, tensor shapes) on first use and
+    replays it; ``compile`` / ``compile:eager`` call ``torch.compile(fn, fullgraph=True, dynamic=False)``, which
+    specialises per bucket the same way. Outputs of graphs are cloned (the graph reuses its buffers).
+
+    CUDA graphs share one memory pool per runner, at most ``MAX_GRAPHS`` are kept (least recently used dropped),
+    capture is thread-local (a DataLoader's pin-memory thread may run CUDA calls meanwhile) and runs with the
+    autocast weight cache off (cached bf16 weight copies are freed when autocast exits, while a graph would keep
+    reading their addresses)."""
 
     def __init__(self, backend: str = "eager"):
         if backend not in ("eager", *FAST_BACKENDS):
             raise ValueError(f"segment backend '{backend}' must be eager or one of {FAST_BACKENDS}")
         self.backend = backend
-        self.graphs: dict = {}
+        self.graphs: OrderedDict = OrderedDict()
         self.compiled: dict = {}
         self.captures = 0
+        self.pool = None
 
     def __call__(self, name: str, fn, *args, key: tuple = ()):
         """``key``: static values ``fn`` reads besides its arguments (model settings baked into a graph)."""
@@ -121,27 +194,27 @@ class SegmentRunner:
             return pytree.tree_map(_clone, self._compiled(fn)(*args))
         return self._graph(name, fn, args, key)
 
-    @staticmethod
-    def _capture(fn, static_args):
+    def _capture(self, fn, static_args):
         """One CUDA graph of ``fn(*static_args)`` (after a warm-up run on a side stream: lazy inits, cuDNN
         autotuning); returns it and the output tensors it writes at every replay."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(*static_args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(*static_args)
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            with torch.cuda.stream(stream):
+                fn(*static_args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn(*static_args)
         return graph, out
 
     @staticmethod
     def _replay(graph) -> None:
         graph.replay()
-
-    def key(self, model: nn.Module) -> tuple:
-        """The model settings a captured graph depends on (``settings_key``); () for other backends."""
-        return settings_key(model) if self.backend == "cudagraphs" else ()
 
     def _compiled(self, fn):
         if fn not in self.compiled:
@@ -158,7 +231,9 @@ class SegmentRunner:
     def _graph(self, name: str, fn, args, extra: tuple):
         leaves, spec = pytree.tree_flatten(args)
         tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-        key = (name, fn, extra, str(spec), tuple(
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+                 torch.get_autocast_dtype("cuda"))
+        key = (name, fn, extra, modes, str(spec), tuple(
             (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else _static(leaf) for leaf in leaves
         ))
         entry = self.graphs.get(key)
@@ -169,6 +244,9 @@ class SegmentRunner:
             graph, out = self._capture(fn, pytree.tree_unflatten(static, spec))
             entry = self.graphs[key] = (graph, [static[i] for i in tensors], out)
             self.captures += 1
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
         graph, inputs, out = entry
         for buffer, i in zip(inputs, tensors, strict=True):
             buffer.copy_(leaves[i])
@@ -180,18 +258,6 @@ def _clone(value):
     return value.clone() if isinstance(value, Tensor) else value
 
 
-def settings_key(model: nn.Module) -> tuple:
-    """Model settings the segments read as Python values (a captured graph bakes them in), and where the
-    weights live (a graph reads them by address: moving the model must not replay a stale graph)."""
-    first = next(model.parameters())
-    tokenizer = model.tokenizer
-    return (
-        getattr(model, "prune_threshold", None), getattr(model, "force_halt", None),
-        getattr(model, "keep_top_k", None), getattr(tokenizer, "thresholds", None), getattr(tokenizer, "cts_k", None),
-        first.data_ptr(), first.dtype,
-    )
-
-
 def _static(value):
     """Hashable stand-in of a non-tensor segment argument for the graph key."""
     if isinstance(value, nn.Module):
@@ -199,10 +265,16 @@ def _static(value):
     return value
 
 
+def settings_key(model: nn.Module, rule: HaltingRule) -> tuple:
+    """What the segments read as Python values (a captured graph bakes them in): the tokenizer's and the
+    halting rule's settings, and where the weights live (a graph reads them by address)."""
+    first = next(model.parameters())
+    return (model.tokenizer.settings(), rule.settings(), first.data_ptr(), first.dtype)
+
+
 @dataclass
 class _Cache:
-    runner_key: tuple = ()
-    runner: SegmentRunner = field(default_factory=SegmentRunner)
+    runners: dict = field(default_factory=dict)  # (backend, device) -> SegmentRunner: callers may alternate
     policy_key: tuple = ()
     policy: nn.Module | None = None
 
@@ -216,28 +288,25 @@ def _cache(model: nn.Module) -> _Cache:
     return _CACHES[model]
 
 
-def segment_runner(model: nn.Module, device: torch.device) -> SegmentRunner:
-    """The model's runner for its current ``fast`` / ``fast_backend`` and device."""
+def segment_runner(model: nn.Module, device: torch.device, options: InferenceOptions) -> SegmentRunner:
+    """The model's runner for ``options`` on ``device`` (eager unless ``fast``)."""
     backend = "eager"
-    if model.fast:
-        backend = model.fast_backend
-        if backend not in FAST_BACKENDS:
-            raise ValueError(f"fast_backend={backend} must be one of {FAST_BACKENDS}")
+    if options.fast:
+        backend = options.fast_backend
         if backend != "compile:eager" and device.type != "cuda":
-            backend = "eager"  # CUDA graphs / inductor graphs need a GPU: eager packed segments on CPU
-    cache = _cache(model)
+            backend = "eager"  # CUDA graphs / inductor graphs need a GPU: eager segments on CPU
+    runners = _cache(model).runners
     key = (backend, str(device))
-    if cache.runner_key != key:
-        cache.runner_key, cache.runner = key, SegmentRunner(backend)
-    return cache.runner
+    if key not in runners:
+        runners[key] = SegmentRunner(backend)
+    return runners[key]
 
 
-def policy_for(model: nn.Module) -> nn.Module | None:
+def policy_for(model: nn.Module, fast: bool) -> nn.Module | None:
     """The tokenizer's policy network (None: patches or the oracle); with ``fast`` its fused eval copy
     (BatchNorm folded, channels_last), rebuilt when the weights, device or dtype change."""
-    tokenizer = model.tokenizer
-    policy = getattr(tokenizer, "policy", None)
-    if policy is None or not model.fast:
+    policy = model.tokenizer.policy
+    if policy is None or not fast:
         return policy
     # cheap staleness check: loading weights or moving the policy changes the first tensor's version or
     # address (after editing single weights in place, call ``reset(model)``)
@@ -254,14 +323,16 @@ def reset(model: nn.Module) -> None:
     _CACHES.pop(model, None)
 
 
-@contextlib.contextmanager
-def reference_engine(model: nn.Module):
-    """Run ``model`` with the padded reference engine inside the block (exact FLOP counting, debugging)."""
-    previous, model.engine = model.engine, "padded"
-    try:
-        yield model
-    finally:
-        model.engine = previous
+@dataclass
+class SegmenterOutput:
+    """Head outputs (auxiliary first, final last) with mask logits on the dense grid [B, K, Hp, Wp],
+    the number of tokens each image entered the encoder with, and per-method extras: ``layout`` (None =
+    one token per patch); early exit adds ``halted`` / ``active_after`` [B, exits] and ``halt_head`` [B, N]
+    (the exit that halted each token, -1 = final head or padding)."""
+
+    outputs: list[dict[str, Tensor]]
+    tokens: Tensor
+    extras: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- tokens
@@ -278,65 +349,45 @@ class Tokens:
     cell_slot: Tensor | None
 
 
-def _kind(model: nn.Module) -> str:
-    tokenizer = model.tokenizer
-    return tokenizer.mode if isinstance(tokenizer, SupertokenTokenizer) else "patch"
-
-
-def _scores(model, policy, images, labels) -> dict:
+def count_tokens(model, policy, images, labels) -> tuple[Tensor, ...]:
+    """Segment before READ 1 (content-dependent token counts): scores -> size map -> start cells, counts,
+    owner offsets."""
     mark("policy")
-    if policy is not None:
-        return policy(images)
-    return model.tokenizer.scores(images, patch_grid(images), labels)
-
-
-def dcts_counts(model, policy, images, labels) -> tuple[Tensor, ...]:
-    """Segment before READ 1 (dCTS): scores -> size map -> start cells, token counts, owner offsets."""
-    scores = _scores(model, policy, images, labels)
+    size_map = model.tokenizer.size_map(images, labels, policy)  # no budget here: a budget needs no read
     mark("layout")
-    size_map = dcts_size_map(scores, patch_grid(images), model.tokenizer.thresholds)
     return (size_map, *token_starts(size_map))
 
 
-def _embed_layout(model, images, size_map, is_start, counts, offset, packing: Packing) -> Tokens:
-    mark("layout")
+def embed(model, policy, images, labels, pre, budget, masked: bool) -> Tokens:
+    """The encoder's input rows. ``pre``: None (the count is known from shapes) or the output of
+    ``count_tokens`` and the packing its read chose; ``budget``: the tokenizer's, or None for its own."""
+    b = images.shape[0]
     grid = patch_grid(images)
-    layout = pack_layout(size_map, is_start, counts, offset, packing.rows)
+    encoder = model.encoder
+    if pre is None:
+        mark("policy")
+        size_map = model.tokenizer.size_map(images, labels, policy, budget)
+        count = model.tokenizer.static_count(grid, budget)
+        packing = Packing.regular(b, count, images.device)
+        if size_map is None:  # plain patches
+            mark("embed")
+            x = encoder.embed(images)
+            return Tokens(x.reshape(-1, x.shape[-1]), packing, None, None)
+        is_start, counts, offset = token_starts(size_map)
+        if not model.tokenizer.exact_count:  # at most ``count`` tokens per image: static sizes, real counts
+            packing = Packing.padded(counts, count) if masked else Packing.from_counts(counts, b * count, count)
+    else:
+        size_map, is_start, counts, offset, packing = pre
+    mark("layout")
+    layout = pack_layout(size_map, is_start, counts, offset, packing.rows, None if packing.contiguous else
+                         packing.max_len)
     cell_slot = layout.cell_row.flatten()
     if not packing.aligned:
         cell_slot = packing.row_dense.index_select(0, cell_slot)
     mark("embed")
-    encoder = model.encoder
-    feats = SupertokenEmbed.pyramid(images, grid, encoder.patch_embed.proj, encoder.pos_embed_grid(*grid))
+    feats = embed_pyramid(images, grid, encoder.patch_embed.proj, encoder.pos_embed_grid(*grid))
     x = feats.reshape(-1, feats.shape[-1]).index_select(0, layout.row_feature)
     return Tokens(x, packing, layout, cell_slot)
-
-
-def tokens_static(model, policy, images, labels) -> Tokens:
-    """Plain patches or CTS: token counts are known from shapes, no host read."""
-    b = images.shape[0]
-    hp, wp = patch_grid(images)
-    if _kind(model) == "patch":
-        mark("embed")
-        x = model.encoder.embed(images)
-        return Tokens(x.reshape(-1, x.shape[-1]), Packing.regular(b, hp * wp, images.device), None, None)
-    scores = _scores(model, policy, images, labels)
-    mark("layout")
-    tokenizer = model.tokenizer
-    k = tokenizer.cts_k if tokenizer.cts_k is not None else cts_k_for_grid(hp, wp)
-    size_map = cts_size_map(scores[2], (hp, wp), k)
-    packing = Packing.regular(b, hp * wp - 3 * k, images.device)
-    return _embed_layout(model, images, size_map, *token_starts(size_map), packing)
-
-
-def tokens_dcts(model, images, size_map, is_start, counts, offset, rows: int, length: int) -> Tokens:
-    """dCTS after READ 1: pack the layout into ``rows`` rows (dense view ``length``), embed."""
-    mark("layout")
-    return _embed_layout(model, images, size_map, is_start, counts, offset, Packing.from_counts(counts, rows, length))
-
-
-def _tokens(model, policy, images, labels, pre) -> Tokens:
-    return tokens_static(model, policy, images, labels) if pre is None else tokens_dcts(model, images, *pre)
 
 
 def token_layout(tokens: Tokens) -> TokenLayout | None:
@@ -345,7 +396,8 @@ def token_layout(tokens: Tokens) -> TokenLayout | None:
         return None
     packing, layout = tokens.packing, tokens.layout
     b, length = packing.batch, packing.max_len
-    cell_to_token = layout.cell_row - packing.cu_seqlens[:-1, None].long()
+    cell_to_token = layout.cell_row - (packing.cu_seqlens[:-1, None].long() if packing.contiguous else
+                                       torch.arange(b, device=layout.cell_row.device)[:, None] * length)
     size, pos = packing.to_dense(layout.row_size), packing.to_dense(layout.row_pos)
     valid = packing.key_mask
     if valid is None:
@@ -373,62 +425,19 @@ def _slice_layout(layout: TokenLayout | None, length: int) -> TokenLayout | None
                        layout.valid[:, :length], layout.grid)
 
 
-def _pre_read(model, policy, images, labels, runner) -> tuple[tuple | None, int | None]:
-    """dCTS: the tokenizer segment and READ 1 (tokens after the layout). Others: nothing to read."""
-    if _kind(model) != "dcts":
-        return None, None
-    size_map, is_start, counts, offset = runner("tokens", dcts_counts, model, policy, images, labels,
-                                                key=runner.key(model))
-    n = size_map.shape[1] * size_map.shape[2]
-    rows, length, longest = read_sizes(counts, counts.shape[0] * n, n)  # READ: tokens after the dCTS layout
-    return (size_map, is_start, counts, offset, rows, length), longest
-
-
-# ---------------------------------------------------------------- SegViT (cascaded head)
-
-
-def segmenter_segment(model, policy, images, labels, pre) -> tuple[list, Tensor, TokenLayout | None]:
-    """Everything after the last read of a SegViT-head model: tokens -> blocks -> head -> grid."""
-    tokens = _tokens(model, policy, images, labels, pre)
-    mark("blocks")
-    x, feats, start = tokens.x, [], 0
-    for tap in model.taps:
-        for block in model.encoder.blocks[start:tap]:
-            x = block_rows(block, x, tokens.packing)
-        feats.append(x)
-        start = tap
-    mark("heads")
-    outs = atm_head_rows(model.head, feats[::-1], tokens.packing)  # deepest first
-    mark("output")
-    masks = torch.stack([o["mask_logits"] for o in outs])  # [S, B, L, K]
-    masks = masks.reshape(masks.shape[0], -1, masks.shape[-1])
-    grids = to_grid(masks, tokens.cell_slot, images.shape[0], patch_grid(images))
-    outputs = [{"class_logits": o["class_logits"], "mask_logits": g} for o, g in zip(outs, grids, strict=True)]
-    return outputs, tokens.packing.counts, token_layout(tokens)
-
-
-def segmenter_forward(model, images: Tensor, labels: Tensor | None) -> SegmenterOutput:
-    runner = segment_runner(model, images.device)
-    policy = policy_for(model)
-    pre, longest = _pre_read(model, policy, images, labels, runner)
-    outputs, counts, layout = runner("segmenter", segmenter_segment, model, policy, images, labels, pre,
-                                     key=runner.key(model))
-    if longest is not None:
-        layout = _slice_layout(layout, longest)
-    return SegmenterOutput(outputs, counts, {"layout": layout})
-
-
-# ---------------------------------------------------------------- early exit
+# ---------------------------------------------------------------- the token store
 
 
 @dataclass
-class ExitState:
-    """Carried between the segments of an early-exit forward.
+class TokenStore:
+    """The state of one forward between its stages.
 
-    x [rows, C] and ``packing``: the active tokens; ``slot`` [rows]: each row's slot in the canvas (the first
-    dense view, B * L0 slots + one dump slot for dummy rows); ``keep`` [rows]: rows surviving the last exit
-    (None before the first); ``counts`` [B] active tokens; ``canvas`` [B * L0 + 1, K] mask logits and
-    ``canvases`` its state after each head that ran; ``halt_head`` [B * L0 + 1] exit index or -1."""
+    x [rows, C] and ``packing``: the tokens; ``slot`` [rows]: each row's column in the canvas (the first dense
+    view, B * L0 slots, + one dump slot for rows that are not active tokens); ``keep`` [rows]: rows surviving
+    the last exit, to be compacted (packed store; None otherwise); ``counts`` [B] active tokens; ``canvas``
+    [B * L0 + 1, K] fp32 mask logits and ``canvases`` its state after each head output; ``taps``: the stage
+    outputs a cascaded head reads; ``halt_head`` [B * L0 + 1] the exit that halted each slot, -1 = none;
+    ``masked``: halted rows stay, frozen and masked out as keys (the padded store)."""
 
     x: Tensor
     packing: Packing
@@ -440,8 +449,84 @@ class ExitState:
     class_logits: list
     halted: list
     active: list
+    taps: list
     halt_head: Tensor
     tokens: Tokens
+    masked: bool = False
+
+    @staticmethod
+    def start(tokens: Tokens, num_classes: int, masked: bool) -> TokenStore:
+        packing = tokens.packing
+        dump = packing.batch * packing.max_len
+        slots = torch.arange(packing.rows, device=tokens.x.device)
+        if not packing.aligned:
+            slots = packing.row_dense
+        if not packing.uniform:
+            slots = torch.where(packing.real, slots, dump)
+        canvas = tokens.x.new_zeros(dump + 1, num_classes, dtype=torch.float32)
+        halt_head = torch.full((dump + 1,), -1, dtype=torch.long, device=tokens.x.device)
+        return TokenStore(tokens.x, packing, slots, None, packing.counts, canvas, [], [], [], [], [], halt_head,
+                          tokens, masked)
+
+    def run_blocks(self, blocks, first: int, tap: bool) -> TokenStore:
+        """``blocks`` (encoder blocks ``first``, ``first`` + 1, ...) over the rows; frozen rows keep their values."""
+        x = self.x
+        for index, block in enumerate(blocks, first):
+            mark("blocks", index)
+            y = block(x, self.packing)
+            x = torch.where(self.packing.real[:, None], y, x) if self.masked and not self.packing.uniform else y
+        return replace(self, x=x, taps=[*self.taps, x] if tap else self.taps)
+
+    def paint(self, out: dict) -> TokenStore:
+        """A head output's mask logits (dense view [B, L, K]) replace the canvas columns of the active rows."""
+        rows = self.packing.from_dense(out["mask_logits"]).float()  # fp32 canvas: heads may run in bf16
+        canvas = self.canvas.index_copy(0, self.slot, rows)
+        return replace(self, canvas=canvas, canvases=[*self.canvases, canvas],
+                       class_logits=[*self.class_logits, out["class_logits"]])
+
+    def idle_exit(self) -> TokenStore:
+        """An exit that cannot halt: its head is skipped (inference), nothing halts."""
+        return replace(self, halted=[*self.halted, torch.zeros_like(self.counts)], active=[*self.active, self.counts])
+
+    def decide(self, rule: HaltingRule, index: int, head: nn.Module, out: dict) -> TokenStore:
+        """The halting rule's decision at exit ``index`` from its head's output; never differentiated.
+        Packed store: the halted rows are marked to leave at the next ``compact``; padded store: they stop being
+        keys and their rows freeze."""
+        packing = self.packing
+        valid = packing.key_mask
+        if valid is None:
+            valid = torch.ones(packing.batch, packing.max_len, dtype=torch.bool, device=self.x.device)
+        # Thresholds like 0.9 / 0.95 must not meet bf16-rounded scores: decide in fp32 under mixed precision.
+        with torch.no_grad(), torch.autocast(self.x.device.type, enabled=False):
+            scores = head.semantic_scores(out["class_logits"].float(), out["mask_logits"].transpose(1, 2).float())
+            halt = rule.decide(index, scores, valid) & valid
+        halt_rows = packing.from_dense(halt)
+        if not packing.uniform:
+            halt_rows = halt_rows & packing.real
+        dump = self.canvas.shape[0] - 1
+        halt_head = self.halt_head.index_fill(0, torch.where(halt_rows, self.slot, dump), index)
+        halted_now = halt.sum(1)
+        counts = self.counts - halted_now
+        state = replace(self, counts=counts, halted=[*self.halted, halted_now], active=[*self.active, counts],
+                        halt_head=halt_head)
+        if self.masked:
+            packing = packing.with_key_mask(valid & ~halt)
+            return replace(state, packing=packing, slot=torch.where(packing.real, self.slot, dump))
+        return replace(state, keep=~halt_rows if packing.uniform else packing.real & ~halt_rows)
+
+    def compact(self, rows: int, length: int) -> TokenStore:
+        """Keep the rows that survived the last exit, in order: cumsum of the keep flags numbers them, an
+        index_copy with distinct destinations inverts that into each new row's source, one index_select moves
+        the tokens (dummy rows copy row 0: finite, never read)."""
+        keep, old = self.keep, self.packing
+        device = keep.device
+        packing = Packing.from_counts(self.counts, rows, length)
+        order = torch.arange(old.rows, device=device)
+        dest = torch.where(keep, keep.cumsum(0) - 1, rows + order)
+        source = torch.zeros(rows + old.rows, dtype=torch.long, device=device).index_copy_(0, dest, order)[:rows]
+        dump = self.canvas.shape[0] - 1
+        slot = torch.where(packing.real, self.slot.index_select(0, source), dump)
+        return replace(self, x=self.x.index_select(0, source), packing=packing, slot=slot, keep=None)
 
 
 def _register(cls, static: tuple[str, ...] = ()) -> None:
@@ -461,125 +546,115 @@ def _register(cls, static: tuple[str, ...] = ()) -> None:
 _register(PackedLayout, static=("grid",))
 _register(TokenLayout, static=("grid",))
 _register(Tokens)
-_register(ExitState)
+_register(TokenStore, static=("masked",))
 
 
-def _start_state(model, tokens: Tokens) -> ExitState:
-    packing = tokens.packing
-    dump = packing.batch * packing.max_len
-    slots = torch.arange(packing.rows, device=tokens.x.device)
-    if not packing.aligned:
-        slots = packing.row_dense
-    if not packing.uniform:
-        slots = torch.where(packing.real, slots, dump)
-    canvas = tokens.x.new_zeros(dump + 1, model.num_classes)
-    halt_head = torch.full((dump + 1,), -1, dtype=torch.long, device=tokens.x.device)
-    return ExitState(tokens.x, packing, slots, None, packing.counts, canvas, [], [], [], [], halt_head, tokens)
+# ---------------------------------------------------------------- the stage loop
 
 
-def _compact(state: ExitState, rows: int, length: int) -> ExitState:
-    """Keep the rows that survived the last exit, in order: cumsum of the keep flags numbers them, an
-    index_copy with distinct destinations inverts that into each new row's source, one index_select moves
-    the tokens (dummy rows copy row 0: finite, never read)."""
-    mark("exits")
-    keep, old = state.keep, state.packing
-    device = keep.device
-    packing = Packing.from_counts(state.counts, rows, length)
-    order = torch.arange(old.rows, device=device)
-    dest = torch.where(keep, keep.cumsum(0) - 1, rows + order)
-    source = torch.zeros(rows + old.rows, dtype=torch.long, device=device).index_copy_(0, dest, order)[:rows]
-    dump = state.canvas.shape[0] - 1
-    slot = torch.where(packing.real, state.slot.index_select(0, source), dump)
-    return replace(state, x=state.x.index_select(0, source), packing=packing, slot=slot, keep=None)
+def run_stage(model, store: TokenStore, index: int, rule: HaltingRule) -> TokenStore:
+    """Stage ``index``: its encoder blocks, then its head if it has one (an exit's, or the final one), the
+    canvas painted with the head's outputs and, at an exit, the halting decision. At inference an exit that
+    cannot halt skips its head; in training every head runs (each gets a loss)."""
+    start, end = model.stages[index]
+    store = store.run_blocks(model.encoder.blocks[start:end], start, tap=model.cascade)
+    head = model.stage_head(index)
+    if head is None:
+        return store
+    is_exit = index < model.num_exits
+    if is_exit and not model.training and not rule.can_halt(index):
+        return store.idle_exit()
+    mark("exits", ("head", index)) if is_exit else mark("heads")
+    outs = head(store.taps[::-1] if model.cascade else [store.x], store.packing)  # cascade: deepest first
+    for out in outs:
+        store = store.paint(out)
+    if is_exit:
+        mark("exits", ("rule", index))
+        store = store.decide(rule, index, head, outs[-1])
+        if rule.static and not store.masked:  # survivors bounded from shapes: they leave now, no read
+            mark("exits", ("select", index))
+            bound = rule.survivors(index, store.packing.max_len)
+            store = store.compact(store.packing.batch * bound, bound)
+    return store
 
 
-def exit_segment(model, policy, images, labels, pre, state, sizes, first: int, last: int):
-    """Stages ``first``..``last`` (0-based; stage ``num_exits`` ends at the final head) between two reads:
-    [tokens | compaction] -> blocks -> (exits that cannot halt are skipped) -> head ``last`` -> canvas ->
-    halting (an exit) or the outputs (the final head)."""
-    if state is None:
-        state = _start_state(model, _tokens(model, policy, images, labels, pre))
-    else:
-        state = _compact(state, *sizes)
-    x, packing, counts = state.x, state.packing, state.counts
-    halted, active = list(state.halted), list(state.active)
-    for i in range(first, last + 1):
-        mark("blocks")
-        start, end = model.stages[i]
-        for block in model.encoder.blocks[start:end]:
-            x = block_rows(block, x, packing)
-        if i < last:  # an exit that cannot halt: its head is skipped, as in the reference
-            halted.append(torch.zeros_like(counts))
-            active.append(counts)
-    final = last == model.num_exits
-    mark("heads" if final else "exits")
-    out = atm_head_rows(model.heads[last], [x], packing)[0]
-    masks = out["mask_logits"]  # [B, L, K]
-    canvas = state.canvas.index_copy(0, state.slot, packing.from_dense(masks))
-    state = replace(state, x=x, canvas=canvas, canvases=[*state.canvases, canvas],
-                    class_logits=[*state.class_logits, out["class_logits"]], halted=halted, active=active)
-    if final:
-        return _finish(model, images, state)
-    valid = packing.key_mask
-    if valid is None:
-        valid = torch.ones(packing.batch, packing.max_len, dtype=torch.bool, device=x.device)
-    halt = model.halt(last, {"class_logits": out["class_logits"], "mask_logits": masks.transpose(1, 2)}, valid)
-    halt_rows = packing.from_dense(halt)
-    if not packing.uniform:
-        halt_rows = halt_rows & packing.real
-    dump = canvas.shape[0] - 1
-    halt_head = state.halt_head.index_fill(0, torch.where(halt_rows, state.slot, dump), last)
-    keep = ~halt_rows if packing.uniform else packing.real & ~halt_rows
-    halted_now = halt.sum(1)
-    counts = counts - halted_now
-    return replace(state, keep=keep, counts=counts, halted=[*halted, halted_now], active=[*active, counts],
-                   halt_head=halt_head)
+def run_segment(model, rule, policy, images, labels, pre, store, sizes, first: int, last: int, masked: bool,
+                budget):
+    """Stages ``first``..``last`` between two reads: [tokens | compaction] -> stages; the outputs after the last
+    stage, else the store."""
+    if store is None:
+        store = TokenStore.start(embed(model, policy, images, labels, pre, budget, masked), model.num_classes,
+                                  masked)
+    elif sizes is not None:
+        mark("exits", ("select", first - 1))
+        store = store.compact(*sizes)
+    for index in range(first, last + 1):
+        store = run_stage(model, store, index, rule)
+    return _finish(images, store) if last == len(model.stages) - 1 else store
 
 
-def _finish(model, images, state: ExitState):
+def _finish(images, store: TokenStore):
     mark("output")
-    tokens = state.tokens
+    tokens = store.tokens
     b, length = tokens.packing.batch, tokens.packing.max_len
-    grids = to_grid(torch.stack(state.canvases), tokens.cell_slot, b, patch_grid(images))
-    outputs = [{"class_logits": c, "mask_logits": g} for c, g in zip(state.class_logits, grids, strict=True)]
-    halt_head = state.halt_head[: b * length].view(b, length)
-    halted, active = torch.stack(state.halted, 1), torch.stack(state.active, 1)
-    return outputs, tokens.packing.counts, token_layout(tokens), halted, active, halt_head
+    grids = to_grid(torch.stack(store.canvases), tokens.cell_slot, b, patch_grid(images))
+    outputs = [{"class_logits": c, "mask_logits": g} for c, g in zip(store.class_logits, grids, strict=True)]
+    halt_head = store.halt_head[: b * length].view(b, length)
+    return outputs, tokens.packing.counts, token_layout(tokens), store.halted, store.active, halt_head
 
 
-def early_exit_forward(model, images: Tensor, labels: Tensor | None) -> SegmenterOutput:
-    runner = segment_runner(model, images.device)
-    policy = policy_for(model)
-    pre, longest = _pre_read(model, policy, images, labels, runner)
-    halting = [i for i in range(model.num_exits) if model.exit_can_halt(i)]
-    state, sizes, first = None, None, 0
-    for last in [*halting, model.num_exits]:
-        result = runner(f"stage {last}", exit_segment, model, policy, images, labels, pre, state, sizes, first, last,
-                        key=runner.key(model))
-        if last == model.num_exits:
-            break
-        state, first = result, last + 1
-        # READ: survivors of exit `last`, to size the next segment
-        sizes = read_sizes(state.counts, state.packing.rows, state.packing.max_len)[:2]
+def _pre_read(model, policy, images, labels, runner, key, masked: bool, bucketed: bool, budget):
+    """Content-dependent token counts (dCTS): the tokenizer segment and READ 1. Otherwise nothing to read."""
+    if model.tokenizer.static_count(patch_grid(images), budget) is not None:
+        return None, None
+    size_map, is_start, counts, offset = runner("tokens", count_tokens, model, policy, images, labels, key=key)
+    if masked:
+        longest = read_longest(counts)  # READ: the longest image sizes the padded rows
+        return (size_map, is_start, counts, offset, Packing.padded(counts, longest)), longest
+    n = size_map.shape[1] * size_map.shape[2]
+    rows, length, longest = read_sizes(counts, counts.shape[0] * n, n, bucketed)  # READ: tokens after the layout
+    return (size_map, is_start, counts, offset, Packing.from_counts(counts, rows, length)), longest
+
+
+def forward(model, images: Tensor, labels: Tensor | None, options: InferenceOptions):
+    """The forward of ``SegmenterBase``: outputs (one per head output, mask logits on the patch grid), tokens
+    per image and the extras (layout; early exit: halted / active_after [B, exits], halt_head [B, N])."""
+    training = model.training
+    if training:
+        options = InferenceOptions()  # training: the packed store, eager, the model's own rule
+    masked = options.engine == "padded"
+    fast = options.fast
+    rule = options.rule(model)
+    runner = segment_runner(model, images.device, options)
+    policy = policy_for(model, fast)
+    budget = options.budget
+    key = (*settings_key(model, rule), budget) if runner.backend == "cudagraphs" else ()
+    grad = contextlib.nullcontext() if not fast else torch.no_grad()  # graphs and compiled segments: inference
+    with grad:
+        pre, longest = _pre_read(model, policy, images, labels, runner, key, masked, fast, budget)
+        last_stage = len(model.stages) - 1
+        # the packed store reads the survivors of every exit that halts (unless the rule bounds them): a segment
+        # ends there
+        ends = [] if masked or rule.static else [i for i in range(model.num_exits) if rule.can_halt(i)]
+        store, sizes, first = None, None, 0
+        for last in [*ends, last_stage]:
+            result = runner(f"stage {last}", run_segment, model, rule, policy, images, labels, pre, store, sizes,
+                            first, last, masked, budget, key=key)
+            if last == last_stage:
+                break
+            store, first = result, last + 1
+            # READ: survivors of exit `last`, to size the next segment
+            sizes = read_sizes(store.counts, store.packing.rows, store.packing.max_len, bucketed=fast)[:2]
     outputs, counts, layout, halted, active, halt_head = result
-    if longest is not None:
+    if longest is not None and not isinstance(longest, torch.SymInt):
         layout, halt_head = _slice_layout(layout, longest), halt_head[:, :longest]
-    extras = {"layout": layout, "halted": halted, "active_after": active, "halt_head": halt_head}
+    extras = {"layout": layout}
+    if model.num_exits:
+        extras |= {"halted": torch.stack(halted, 1), "active_after": torch.stack(active, 1), "halt_head": halt_head}
     return SegmenterOutput(outputs, counts, extras)
 
 
-def uses_packed(model: nn.Module) -> bool:
-    """Whether this forward of ``model`` runs the packed engine (eval mode and ``engine == "packed"``)."""
-    if model.engine not in ENGINES:
-        raise ValueError(f"engine={model.engine!r} must be one of {ENGINES}")
-    return not model.training and model.engine == "packed"
-
-
-def packed_forward(model, images: Tensor, labels: Tensor | None = None) -> SegmenterOutput:
-    """The packed engine's forward for ``Segmenter`` and ``EarlyExitSegmenter`` (eval mode, no gradients)."""
-    if model.training:
-        raise RuntimeError("the packed engine runs inference only; training uses the masked computation")
-    with torch.no_grad():
-        if model.exit_layers:
-            return early_exit_forward(model, images, labels)
-        return segmenter_forward(model, images, labels)
+def store_from_rows(model, x: Tensor) -> TokenStore:
+    """A store holding given tokens [1, N, C] (cost models evaluate one stage on N tokens)."""
+    packing = Packing.regular(1, x.shape[1], x.device)
+    return TokenStore.start(Tokens(x[0], packing, None, None), model.num_classes, masked=False)

@@ -8,15 +8,15 @@ from step_lightning.core import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, Confi
 from step_lightning.models.backbones import backbone_spec
 from step_lightning.models.base import SegmenterBase
 from step_lightning.models.early_exit import EarlyExitSegmenter
+from step_lightning.models.halting import build_rule
 from step_lightning.models.segmenter import Segmenter
-from step_lightning.models.tokenizer import PatchTokenizer, SupertokenTokenizer
+from step_lightning.models.tokenizer import CTSTokenizer, DCTSTokenizer, PatchTokenizer
 from step_lightning.models.vit import ViTEncoder
 from step_lightning.tokens.policy import PolicyNet
 from step_lightning.tokens.tau import WINDOW_SIZES, parse_tau
 
 TOKENIZERS = ("patch", "cts", "dcts")
 POLICIES = ("oracle", "net")
-CTS_THRESHOLDS = (0.6, 0.8, 0.9, 0.9)  # unused by CTS's top-K rule; dCTS's defaults keep the tokenizer uniform
 
 
 @dataclass
@@ -28,6 +28,9 @@ class ModelSpec:
     policy: what scores windows for cts/dcts: ``oracle`` (ground-truth labels) or ``net`` (a PolicyNet,
     passed to ``build_model`` or, when absent, built untrained for weights loaded afterwards).
     prune_heads: 1-indexed layers followed by an exit head; () = no early exit (SegViT's cascaded head).
+    halting: the exits' rule (``step_lightning.models.halting.RULES``): ``confidence`` (DToP: prune_threshold,
+    keep_top_k), ``budget`` (``halt_budget``: that fraction of each image's tokens halts at every exit; set by
+    halt_budget alone) or ``none``. budget: dCTS at most that fraction of the patches (or that many tokens) per image.
     exit_num_heads: attention heads of an early-exit model's ATM heads (DToP: 6 for ViT-B, 8 or 16 for ViT-L);
     None = one per 32 channels, as SegViT.
     head_layers / exit_head_layers: ATM decoder layers per head / per exit head (checkpoints saved before
@@ -48,7 +51,10 @@ class ModelSpec:
     cts_k: int | None = None
     policy: str = "oracle"
     prune_heads: tuple[int, ...] = ()
+    halting: str = "confidence"
     prune_threshold: float = 0.9
+    budget: float | None = None
+    halt_budget: float | None = None
     keep_top_k: int = 5
     head_layers: int = 3
     exit_num_heads: int | None = None
@@ -64,6 +70,11 @@ class ModelSpec:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
+        if self.halt_budget is not None and self.halting == "confidence":
+            self.halting = "budget"
+        if self.budget is not None and self.tokenizer != "dcts":
+            raise ConfigError(f"budget={self.budget} sets dCTS's token count; tokenizer={self.tokenizer} has none "
+                              "(use a dcts/step method, or halt_budget= for the exits).")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer={self.tokenizer} must be one of {', '.join(TOKENIZERS)}.")
         if self.tokenizer == "dcts" and self.tau is None:
@@ -111,9 +122,10 @@ def build_tokenizer(spec: ModelSpec, policy: PolicyNet | None = None):
     if spec.policy == "net" and policy is None:
         policy = PolicyNet(pretrained=False, sizes=spec.policy_sizes, input_mean=spec.mean, input_std=spec.std,
                            head=spec.policy_head)
-    thresholds = parse_tau(spec.tau) if spec.tokenizer == "dcts" else CTS_THRESHOLDS
-    return SupertokenTokenizer(spec.tokenizer, policy if spec.policy == "net" else None, thresholds, spec.cts_k,
-                               spec.ignore_index)
+    policy = policy if spec.policy == "net" else None
+    if spec.tokenizer == "cts":
+        return CTSTokenizer(policy, spec.cts_k, spec.ignore_index)
+    return DCTSTokenizer(policy, parse_tau(spec.tau), spec.ignore_index, spec.budget)
 
 
 def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBase:
@@ -122,8 +134,8 @@ def build_model(spec: ModelSpec, policy: PolicyNet | None = None) -> SegmenterBa
     tokenizer = build_tokenizer(spec, policy)
     if spec.prune_heads:
         return EarlyExitSegmenter(
-            encoder, spec.num_classes, spec.prune_heads, tokenizer, spec.prune_threshold, keep_top_k=spec.keep_top_k,
-            head_layers=spec.head_layers, exit_head_layers=spec.exit_head_layers, head_num_heads=spec.exit_num_heads,
+            encoder, spec.num_classes, spec.prune_heads, tokenizer, build_rule(spec), head_layers=spec.head_layers,
+            exit_head_layers=spec.exit_head_layers, head_num_heads=spec.exit_num_heads,
         )
     taps = spec.taps or backbone_spec(spec.backbone).taps
     taps = tuple(t for t in taps if t <= encoder.depth)

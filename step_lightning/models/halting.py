@@ -1,69 +1,190 @@
-"""Which tokens halt at an exit head: DToP's confidence rule, and the halting budget (an exact fraction).
+"""Which tokens halt at an exit head: halting rules as objects with their settings.
 
-Both take per-class scores [B, K, N] (presence x sigmoid(mask logit)) and ``valid`` [B, N] (tokens that may
-halt: active, not padding) and return bool [B, N], True = halts now. Vectorised: no host read, no loop over
-classes; both keep, for every class, the k most confident tokens predicted as it as context
-(``_class_ranks``: a per-class top-k over a [B, K, N] matrix that holds each token's score in the row of its
-predicted class only).
+A rule sees per-class scores [B, K, L] (presence x sigmoid(mask logit)) of one exit head and ``valid`` [B, L]
+(the tokens that may halt: active, not padding) and returns bool [B, L], True = halts now. Rules are vectorised:
+no host sync, no loop over classes. ``settings()`` is what a captured graph bakes in.
+
+Adding a rule: subclass ``HaltingRule`` and ``register_rule`` it under a name; ``ModelSpec(halting=<name>)``
+builds it through ``build_rule`` (its ``from_spec`` reads the settings it needs from the spec).
 """
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
+
 import torch
 
+from step_lightning.core import ConfigError
 
-def _class_ranks(scores: torch.Tensor, cls: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
-    """int64 [B, N]: each candidate's rank among the candidates predicted as its class ``cls`` [B, N], most
-    confident first, for the ``k`` first of every class; ``k`` for all other tokens."""
-    num_classes, n = scores.shape[1], scores.shape[2]
-    own_row = cls.unsqueeze(1) == torch.arange(num_classes, device=scores.device)[:, None]
-    ranked = torch.where(own_row & candidate.unsqueeze(1), scores, float("-inf"))
-    top = ranked.topk(min(k, n), dim=-1)
-    # A class with fewer than k candidates also returns -inf fillers (possibly other classes' tokens): they go to
-    # a spare slot n, dropped after. A real pick appears in one class row only.
-    dest = torch.where(torch.isfinite(top.values), top.indices, n).flatten(1)
-    ranks = torch.arange(top.indices.shape[-1], device=scores.device).expand_as(top.indices).flatten(1)
-    keep_rank = torch.full((scores.shape[0], n + 1), k, dtype=torch.long, device=scores.device)
-    return keep_rank.scatter_reduce_(1, dest, ranks, "amin")[:, :n]
+
+class HaltingRule:
+    """Base: never halts anything. ``static``: the rule bounds each image's survivors from shapes alone
+    (``survivors``), so halted tokens leave without a host read and a forward with static shapes stays static."""
+
+    name = "none"
+    static = False
+
+    @classmethod
+    def from_spec(cls, spec) -> HaltingRule:
+        return cls()
+
+    def can_halt(self, exit_index: int) -> bool:
+        """Whether this exit may halt tokens (inference skips the head of an exit that cannot)."""
+        return False
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(valid)
+
+    def survivors(self, exit_index: int, length: int) -> int:
+        """Static rules: the most tokens an image of at most ``length`` tokens keeps at this exit."""
+        return length
+
+    def settings(self) -> tuple:
+        fields = astuple(self) if hasattr(self, "__dataclass_fields__") else ()
+        return (type(self).__name__, *fields)
+
+
+@dataclass(frozen=True)
+class ConfidenceHalting(HaltingRule):
+    """DToP's rule: a token whose confidence max_c score exceeds ``threshold`` halts, except that for every
+    class the ``keep_top_k`` most confident such tokens stay as context. Scores are at most 1, so a threshold of
+    1 or more halts nothing (DToP's first phase)."""
+
+    threshold: float = 0.9
+    keep_top_k: int = 5
+    name = "confidence"
+
+    @classmethod
+    def from_spec(cls, spec) -> HaltingRule:
+        return cls(spec.prune_threshold, spec.keep_top_k)
+
+    def can_halt(self, exit_index: int) -> bool:
+        return self.threshold < 1.0
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return halting_mask(scores, valid, self.threshold, self.keep_top_k)
+
+
+@dataclass(frozen=True)
+class ForcedHalting(HaltingRule):
+    """Speed-study knob, not the method: the first exit halts exactly round(fraction x valid tokens) of each
+    image, the most confident (at least one token stays); later exits halt nothing."""
+
+    fraction: float = 0.4
+    name = "forced"
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"force_halt={self.fraction} must be a fraction in [0, 1), e.g. force_halt=0.4.")
+
+    def can_halt(self, exit_index: int) -> bool:
+        return exit_index == 0
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if exit_index != 0:
+            return torch.zeros_like(valid)
+        return forced_halting_mask(scores, valid, self.fraction)
+
+
+@dataclass(frozen=True)
+class BudgetHalting(HaltingRule):
+    """A compute budget for the exits: every exit halts round(fraction x its valid tokens) of each image, the
+    most confident first, while the ``keep_top_k`` most confident tokens of each class stay as context. The
+    survivors are bounded from shapes (a static rule: no host read)."""
+
+    fraction: float = 0.3
+    keep_top_k: int = 5
+    num_classes: int = 0  # bounds the class keepers (0: unknown, the bound is then the whole length)
+    name = "budget"
+    static = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"halt_budget={self.fraction} must be a fraction in [0, 1), e.g. halt_budget=0.3.")
+
+    @classmethod
+    def from_spec(cls, spec) -> HaltingRule:
+        return cls(spec.halt_budget, spec.keep_top_k, spec.num_classes)
+
+    def can_halt(self, exit_index: int) -> bool:
+        return self.fraction > 0.0
+
+    def decide(self, exit_index: int, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return budget_halting_mask(scores, valid, self.fraction, self.keep_top_k)
+
+    def survivors(self, exit_index: int, length: int) -> int:
+        # n - halted is largest at n = length, unless the class keepers (at most K x k) hold more
+        keepers = length if self.num_classes == 0 else min(length, self.num_classes * self.keep_top_k)
+        return max(length - round(self.fraction * length), keepers)
+
+
+RULES: dict[str, type[HaltingRule]] = {}
+
+
+def register_rule(rule: type[HaltingRule]) -> type[HaltingRule]:
+    RULES[rule.name] = rule
+    return rule
+
+
+for _rule in (HaltingRule, ConfidenceHalting, BudgetHalting):
+    register_rule(_rule)
+
+
+def build_rule(spec) -> HaltingRule:
+    """The halting rule a ``ModelSpec`` names (``spec.halting``)."""
+    if spec.halting not in RULES:
+        raise ConfigError(f"halting={spec.halting} must be one of {', '.join(RULES)}.")
+    return RULES[spec.halting].from_spec(spec)
 
 
 def halting_mask(scores: torch.Tensor, valid: torch.Tensor, threshold: float, k: int = 5) -> torch.Tensor:
-    """DToP's halting rule: a valid token is a candidate when its confidence max_c score[c, t] exceeds
-    ``threshold``; for every class the ``min(k, count)`` most confident candidates predicted as that class stay
-    as context, the other candidates halt."""
-    conf, cls = scores.max(dim=1)
-    candidate = valid & (conf > threshold)
-    return candidate & (_class_ranks(scores, cls, candidate, k) >= k)
+    """DToP's halting rule. scores [B, K, N] (presence x sigmoid(mask logit)), valid [B, N] (tokens that
+    may halt: active, not padding) -> bool [B, N], True = halts now.
 
-
-def budget_halting_mask(
-    scores: torch.Tensor, valid: torch.Tensor, fraction: float, keep_top_k: int = 5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The halting budget: exactly h = round(fraction x n) of each image's n valid tokens halt (rounded half to
-    even, at most n - 1: one token always stays), so the survivors n - h follow from n alone. Returns the halt
-    mask and the survivors int64 [B].
-
-    Order: the valid tokens outside the keep set (each class's ``keep_top_k`` most confident tokens, as in
-    ``halting_mask`` with every valid token a candidate), most confident first. When those are fewer than h,
-    the count stays exact and the keep set gives way from its least confident rank: every class's k-th token
-    (most confident first among them), then every (k-1)-th, ..., each class's most confident token last.
+    A valid token is a candidate when its confidence max_c score[c, t] exceeds ``threshold``; for every
+    class the ``min(k, count)`` most confident candidates predicted as that class stay as context
+    (``class_keepers``), the other candidates halt.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction={fraction} must lie in [0, 1]")
+    conf = scores.amax(dim=1)
+    candidate = valid & (conf > threshold)
+    return candidate & ~class_keepers(scores, candidate, k)
+
+
+def class_keepers(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [B, N]: for every class, the ``min(k, count)`` most confident of the ``candidate`` tokens predicted
+    as that class (DToP keeps them as context). Vectorised as a per-class top-k over a [B, K, N] matrix that holds
+    each candidate's confidence in the row of its predicted class only (-inf elsewhere)."""
+    num_classes, n = scores.shape[1], scores.shape[2]
     conf, cls = scores.max(dim=1)
-    keep_rank = _class_ranks(scores, cls, valid, keep_top_k)
-    count = valid.sum(1)
-    halt_count = torch.minimum((fraction * count).round().long(), count - 1).clamp(min=0)
-    # Groups halt in turn: 0 = not kept, then kept rank k-1 (group 1) .. rank 0 (group k); padding never.
-    group = torch.where(valid, keep_top_k - keep_rank, keep_top_k + 1)
-    by_conf = conf.argsort(dim=1, descending=True, stable=True)
-    order = by_conf.gather(1, group.gather(1, by_conf).argsort(dim=1, stable=True))
+    own_row = cls.unsqueeze(1) == torch.arange(num_classes, device=scores.device)[:, None]
+    ranked = torch.where(own_row & candidate.unsqueeze(1), scores, float("-inf"))
+    top = ranked.topk(min(k, n), dim=-1)
+    # A class with fewer than k candidates also returns -inf fillers (possibly other classes' tokens);
+    # scatter_add counts only real picks so duplicates cannot erase them.
+    picks = torch.isfinite(top.values).flatten(1).long()
+    return torch.zeros_like(conf, dtype=torch.long).scatter_add_(1, top.indices.flatten(1), picks) > 0
+
+
+def budget_halting_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float, k: int = 5) -> torch.Tensor:
+    """Halt round(fraction x valid tokens) of each image, the most confident first, never one of the
+    ``class_keepers`` of the valid tokens (when they leave too few others, every other token halts)."""
+    conf = scores.amax(dim=1)
+    eligible = valid & ~class_keepers(scores, valid, k)
+    count = torch.minimum((fraction * valid.sum(1)).round().long(), eligible.sum(1))
+    return eligible & (_rank(torch.where(eligible, conf, float("-inf"))) < count[:, None])
+
+
+def _rank(conf: torch.Tensor) -> torch.Tensor:
+    """int64 [B, N]: each token's position when its image's tokens are sorted by descending ``conf``."""
+    order = conf.argsort(dim=1, descending=True, stable=True)
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return rank < halt_count[:, None], count - halt_count
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def forced_halting_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Speed-study knob: the halting budget without a keep set (exactly round(fraction x valid tokens) of the
-    most confident valid tokens halt, at least one stays)."""
-    return budget_halting_mask(scores, valid, fraction, keep_top_k=0)[0]
+    """Halt exactly round(fraction x valid tokens) of each image's valid tokens, the most confident ones (at
+    least one token stays). Same shapes as ``halting_mask``."""
+    conf = torch.where(valid, scores.amax(dim=1), float("-inf"))
+    count = valid.sum(1)
+    halt_count = torch.minimum((fraction * count).round().long(), count - 1)
+    return valid & (_rank(conf) < halt_count[:, None])

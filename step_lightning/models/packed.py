@@ -1,23 +1,27 @@
-"""Packed variable-length token rows: the bucket ladder, the row bookkeeping, varlen attention and a ViT block.
+"""Token rows: the bucket ladder, the row bookkeeping, the attention kernels and a ViT block over rows.
 
-At inference the surviving tokens of a whole batch live in one [T, C] buffer (image-major), described by
-``Packing``: cumulative sequence lengths ``cu_seqlens`` int32 [B+1], each row's image and position, and a
-dense view [B, L] (L >= the longest image) for the few operations that need one image per row of a matrix
-(per-image top-k of the halting rule, the ATM mask-logit GEMM, the CPU attention reference).
+The tokens of a whole batch live in one [T, C] buffer described by ``Packing``: cumulative sequence lengths
+``cu_seqlens`` int32 [B+1], each row's image and position, and a dense view [B, L] (L >= the longest image)
+for the few operations that need one image per row of a matrix (per-image top-k of the halting rule, the ATM
+mask-logit GEMM, the dense attention kernel). Two row arrangements:
 
-T and L are buckets (``bucket``): the engine reads the true total and longest count once per decision and
-rounds both up the ladder, so every shape between two reads is one of a few per input size. Rows past the
-real total are dummies: they belong to no image, no real row attends to them, and nothing reads their
-values back, so results do not depend on the bucket.
+* packed (``from_counts``, ``regular``): image-major, no padding between images (training and inference);
+* padded (``padded``): image b owns rows b * L .. b * L + L - 1, a key mask marks its real tokens (static
+  shapes for torch.export, and the masked-store oracle of the tests).
 
-Attention runs variable-length: ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in fp16/bf16;
-elsewhere an exact reference: scaled_dot_product_attention on the dense view with a key mask (a plain
-reshape, no mask, when every image has exactly L tokens and there are no dummies).
+Packed T and L are exact counts or buckets (``bucket``): with captured graphs the engine rounds both up the
+ladder, so every shape between two reads is one of a few per input size. Rows past the real total are
+dummies: they belong to no image, no real row attends to them, and nothing reads their values back, so
+results do not depend on the bucket.
+
+Attention is a swapped-in kernel, chosen from the packing and the device: ``varlen_attn`` (flash, with a
+backward) on CUDA in fp16/bf16 for packed rows; elsewhere scaled_dot_product_attention on the dense view
+with a key mask (a plain reshape, no mask, when every image has exactly L tokens and there are no dummies).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +68,10 @@ class Packing:
     dense_row:  int64 [B * L]   the row of each dense slot; 0 on padding slots (None when ``aligned``).
     key_mask:   bool [B, L]     real slots of the dense view (None when ``uniform``).
     uniform:    every image has exactly L rows and rows == B * L (plain patches, CTS): no dummies, no mask.
-    aligned:    row r is dense slot r (uniform, or one image padded to rows == L): the dense view is a view.
+    aligned:    row r is dense slot r (uniform, padded, or one image padded to rows == L): the dense view is
+                a view.
+    contiguous: an image's rows are rows cu_seqlens[b] .. cu_seqlens[b+1] - 1 (packed, not padded): what
+                variable-length kernels read.
     """
 
     batch: int
@@ -78,6 +85,7 @@ class Packing:
     key_mask: Tensor | None
     uniform: bool
     aligned: bool
+    contiguous: bool = True
     bias: Tensor | None = field(default=None, repr=False)  # cached additive key mask (attn_mask)
     real_rows: Tensor | None = field(default=None, repr=False)  # cached ``real``
 
@@ -87,6 +95,28 @@ class Packing:
         counts = torch.full((batch,), length, dtype=torch.long, device=device)
         cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
         return Packing(batch, batch * length, length, counts, cu, None, None, None, None, True, True)
+
+    @staticmethod
+    def padded(counts: Tensor, length) -> Packing:
+        """Image b in rows b * L .. b * L + L - 1, its first ``counts[b]`` real, the rest masked out as keys.
+        ``length`` may be a symbolic size (torch.export of a data-dependent token count)."""
+        batch = counts.shape[0]
+        key_mask = torch.arange(length, device=counts.device) < counts[:, None]
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        return Packing(batch, batch * length, length, counts, cu, None, None, None, key_mask, False, True,
+                       contiguous=False)
+
+    def with_key_mask(self, key_mask: Tensor) -> Packing:
+        """The same aligned rows (padded, or regular) as padded rows with another key mask [B, L] (masked
+        halting: halted tokens stop being keys)."""
+        return replace(self, counts=key_mask.sum(1), row_image=None, key_mask=key_mask, uniform=False,
+                       contiguous=False, bias=None, real_rows=None)
+
+    def row_images(self) -> Tensor:
+        """int64 [rows]: the image of each row (B on dummy rows)."""
+        if self.row_image is not None:
+            return self.row_image
+        return torch.arange(self.rows, device=self.counts.device) // self.max_len
 
     @staticmethod
     def from_counts(counts: Tensor, rows: int, max_len: int) -> Packing:
@@ -113,8 +143,12 @@ class Packing:
     def real(self) -> Tensor:
         """bool [rows]: rows that belong to an image."""
         if self.real_rows is None:
-            self.real_rows = (torch.ones(self.rows, dtype=torch.bool, device=self.counts.device)
-                              if self.row_image is None else self.row_image < self.batch)
+            if not self.contiguous:
+                self.real_rows = self.key_mask.flatten()
+            elif self.row_image is None:
+                self.real_rows = torch.ones(self.rows, dtype=torch.bool, device=self.counts.device)
+            else:
+                self.real_rows = self.row_image < self.batch
         return self.real_rows
 
     def to_dense(self, values: Tensor) -> Tensor:
@@ -143,28 +177,32 @@ pytree.register_pytree_node(
     Packing,
     lambda p: (
         [p.counts, p.cu_seqlens, p.row_image, p.row_dense, p.dense_row, p.key_mask],
-        (p.batch, p.rows, p.max_len, p.uniform, p.aligned),
+        (p.batch, p.rows, p.max_len, p.uniform, p.aligned, p.contiguous),
     ),
     lambda children, ctx: Packing(*ctx[:3], *children, *ctx[3:]),
     serialized_type_name="step_lightning.models.packed.Packing",
 )
 
 
-def use_flash_varlen(x: Tensor) -> bool:
-    """Flash varlen attention serves CUDA fp16/bf16; everything else takes the dense reference."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch without variable-length attention: the dense kernel serves every device
+    varlen_attn = None
+
+
+def use_flash_varlen(x: Tensor, packing: Packing) -> bool:
+    """Flash varlen attention serves packed rows on CUDA in fp16/bf16; everything else takes the dense kernel."""
+    return varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and packing.contiguous
 
 
 def _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    from torch.nn.attention.varlen import varlen_attn
-
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
 
 
 def self_attention(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
     """Attention of every row over the rows of its own image: qkv [rows, 3, H, D] -> [rows, H, D].
-    Dummy rows come back zero (CUDA) or with arbitrary finite values (dense reference)."""
-    if use_flash_varlen(qkv):
+    Dummy and padding rows come back zero (CUDA) or with arbitrary finite values (dense kernel)."""
+    if use_flash_varlen(qkv, packing):
         # one copy to [3, rows, H, D]: q, k, v each packed token-major ([rows, H, D] contiguous), the layout
         # every varlen backend (flash, cuDNN ragged offsets) reads without stride assumptions
         q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)
@@ -177,12 +215,12 @@ def self_attention(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, scale: float,
-                    k_dense: Tensor | None = None) -> Tensor:
+                    k_dense: Tensor | None = None, dropout: float = 0.0) -> Tensor:
     """Per-image queries q [B, K, H, D] over that image's rows k, v [rows, H, D] -> [B, K, H, D]
     (varlen with query lengths K and key lengths ``packing.counts``). ``k_dense``: ``packing.to_dense(k)``
-    if the caller has it already."""
+    if the caller has it already; ``dropout`` on the attention weights (training: the dense kernel)."""
     b, num_queries = q.shape[:2]
-    if use_flash_varlen(q):
+    if use_flash_varlen(q, packing) and dropout == 0.0:
         cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * num_queries
         out = _varlen_attn(q.reshape(b * num_queries, *q.shape[2:]), k, v, cu_q, packing.cu_seqlens, num_queries,
                            packing.max_len, scale)
@@ -190,25 +228,18 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, scale: fl
     k_dense = packing.to_dense(k) if k_dense is None else k_dense
     v_dense = packing.to_dense(v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k_dense.transpose(1, 2), v_dense.transpose(1, 2),
-                                         attn_mask=packing.attn_mask(q.dtype), scale=scale)
+                                         attn_mask=packing.attn_mask(q.dtype), dropout_p=dropout, scale=scale)
     return out.transpose(1, 2)
 
 
-def block_rows(block: nn.Module, x: Tensor, packing: Packing) -> Tensor:
-    """One timm ViT ``Block`` over packed rows x [rows, C], reusing the block's own submodules (so weights
-    are shared with the training path): norms, projections and the MLP run over the rows, attention
-    variable-length per image."""
-    attn = block.attn
-    rows = x.shape[0]
-    y = block.norm1(x)
-    qkv = attn.qkv(y).view(rows, 3, attn.num_heads, attn.head_dim)
-    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-        q, k, v = qkv.unbind(1)
-        qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), 1)
-    out = self_attention(qkv, packing, attn.scale).reshape(rows, attn.attn_dim)
-    out = attn.norm(out)
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(y).sigmoid()
-    out = attn.proj_drop(attn.proj(out))
-    x = x + block.drop_path1(block.ls1(out))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+def drop_path_rows(module: nn.Module, values: Tensor, packing: Packing) -> Tensor:
+    """timm's ``DropPath`` per image on rows: timm's module draws one decision per entry of the first
+    dimension, which on rows would drop single tokens instead of an image's whole residual branch."""
+    prob = getattr(module, "drop_prob", 0.0)
+    if not module.training or prob == 0.0:
+        return values
+    keep = 1.0 - prob
+    decisions = values.new_empty(packing.batch + 1).bernoulli_(keep)  # entry B: dummy rows
+    if getattr(module, "scale_by_keep", True):
+        decisions = decisions / keep
+    return values * decisions.index_select(0, packing.row_images())[:, None]

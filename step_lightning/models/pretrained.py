@@ -1,6 +1,7 @@
 """Pretrained weights by name: a timm tag (timm's own Hugging Face cache) or a local timm, big_vision or mmseg file.
 
 ``vit_state_dict``   the encoder tensors of a ViTEncoder in timm names, position embedding resampled once.
+``check_vit_weights``  the same source checked before a run (a file read, a tag's weights located).
 ``timm_pretrained``  ``timm.create_model(tag, pretrained=True)`` with one-line errors (also used by the policy).
 """
 
@@ -16,7 +17,7 @@ from timm.models import VisionTransformer, load_state_dict
 from torch import Tensor
 
 from step_lightning.core import PATCH_SIZE, ConfigError
-from step_lightning.core.hub import timm_pretrained
+from step_lightning.core.hub import check_timm_weights, timm_pretrained
 from step_lightning.models.backbones import BackboneSpec
 
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
@@ -46,26 +47,15 @@ def vit_state_dict(
 
     The position embedding loses its class-token slot and is resampled once, bicubic, to ``grid``.
     """
-    source = None if source is None or str(source).lower() == "none" else str(source)
-    path = Path(str(source)).expanduser()
-    if pretrained_file and (source is None or path.is_file()):
-        raise ConfigError(
-            f"backbone.pretrained_file={pretrained_file} is a local copy of a timm tag's weights; "
-            "set backbone.pretrained=<that tag> (or give the file as backbone.pretrained)."
-        )
-    if source is None:
+    kind, source = _source_kind(source, spec, pretrained_file)
+    if kind is None:
         return None
-    if path.is_file():
+    path = Path(source).expanduser()
+    if kind == "file":
         state = _read_npz(path) if path.suffix == ".npz" else _read_checkpoint(path)
-    elif len(path.parts) > 1 or path.suffix in FILE_SUFFIXES:
-        raise ConfigError(
-            f"backbone.pretrained={source} does not exist; give a ViT checkpoint file (timm, big_vision .npz or "
-            f"mmseg), a timm tag (e.g. {spec.timm_name.rsplit('_', 1)[0]}_384.augreg_in21k_ft_in1k) or null."
-        )
     else:
-        arch = spec.timm_name.rsplit("_", 1)[0]  # vit_base_patch16_224 -> any vit_base_patch16_<res> tag
         opts = ("backbone.pretrained", pretrained_file, "backbone.pretrained_file")
-        state = timm_pretrained(source, arch, *opts, num_classes=0).state_dict()
+        state = timm_pretrained(source, _timm_arch(spec), *opts, num_classes=0).state_dict()
     state = _timm_names(state, source)
 
     weight = state["patch_embed.proj.weight"]
@@ -87,6 +77,44 @@ def vit_state_dict(
     )
     own = ("pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")
     return {k: v for k, v in state.items() if k in own or k.startswith("blocks.") and int(k.split(".")[1]) < depth}
+
+
+def check_vit_weights(
+    source: str | None, backbone: str, spec: BackboneSpec, grid: tuple[int, int], depth: int,
+    pretrained_file: str | None = None,
+) -> None:
+    """Before a run: what ``vit_state_dict`` will read can be read. A local file is read whole now (its shapes
+    are checked); a tag's weights are only located (a file by hand, cached, or downloadable now)."""
+    kind, source = _source_kind(source, spec, pretrained_file)
+    if kind == "tag":
+        check_timm_weights(source, _timm_arch(spec), "backbone.pretrained", pretrained_file, "backbone.pretrained_file")
+    elif kind == "file":
+        vit_state_dict(source, backbone, spec, grid, depth)
+
+
+def _timm_arch(spec: BackboneSpec) -> str:
+    return spec.timm_name.rsplit("_", 1)[0]  # vit_base_patch16_224 -> any vit_base_patch16_<res> tag
+
+
+def _source_kind(source: str | None, spec: BackboneSpec, pretrained_file: str | None) -> tuple[str | None, str]:
+    """(None | "file" | "tag", the source as a string) of a ``backbone.pretrained`` value."""
+    source = None if source is None or str(source).lower() == "none" else str(source)
+    path = Path(str(source)).expanduser()
+    if pretrained_file and (source is None or path.is_file()):
+        raise ConfigError(
+            f"backbone.pretrained_file={pretrained_file} is a local copy of a timm tag's weights; "
+            "set backbone.pretrained=<that tag> (or give the file as backbone.pretrained)."
+        )
+    if source is None:
+        return None, ""
+    if path.is_file():
+        return "file", source
+    if len(path.parts) > 1 or path.suffix in FILE_SUFFIXES:
+        raise ConfigError(
+            f"backbone.pretrained={source} does not exist; give a ViT checkpoint file (timm, big_vision .npz or "
+            f"mmseg), a timm tag (e.g. {_timm_arch(spec)}_384.augreg_in21k_ft_in1k) or null."
+        )
+    return "tag", source
 
 
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:

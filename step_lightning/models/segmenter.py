@@ -1,4 +1,4 @@
-"""SegViT segmenter: tokenizer -> plain ViT encoder -> cascaded ATM head, predictions on the dense patch grid."""
+"""SegViT segmenter: tokenizer -> plain ViT encoder -> cascaded ATM head reading the tapped layers."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from step_lightning.models.atm import ATMHead
-from step_lightning.models.base import SegmenterBase, SegmenterOutput
-from step_lightning.models.engine import packed_forward, uses_packed
+from step_lightning.models.base import SegmenterBase
+from step_lightning.models.engine import InferenceOptions, SegmenterOutput
 from step_lightning.models.vit import ViTEncoder
 
 
 class Segmenter(SegmenterBase):
-    """SegViT: a tokenizer (plain patches, or dCTS/CTS supertokens) -> ViT -> the cascaded ATM head
-    reading the tapped layers. Padded supertoken slots are masked out as keys everywhere."""
+    """SegViT: a tokenizer (plain patches, or dCTS/CTS supertokens) -> ViT -> the cascaded ATM head reading
+    the tapped layers (deepest first). The encoder's stages end at the taps."""
+
+    cascade = True
 
     def __init__(
         self,
@@ -28,35 +30,20 @@ class Segmenter(SegmenterBase):
         if any(not 1 <= t <= encoder.depth for t in taps) or list(taps) != sorted(set(taps)):
             raise ValueError(f"taps {taps} must be increasing layer numbers within 1..{encoder.depth}")
         self.taps = tuple(taps)
+        bounds = (0, *self.taps)
+        self.stages = list(zip(bounds[:-1], bounds[1:], strict=True))
         self.head = ATMHead(encoder.embed_dim, num_classes, num_inputs=len(taps), num_layers=head_layers)
 
-    @property
-    def final_head(self) -> nn.Module:
-        return self.head
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> SegmenterOutput:
-        """``labels`` are read only by the oracle policy. Eval mode runs the packed engine unless
-        ``engine="padded"`` (this method's own padded computation, the reference)."""
-        if uses_packed(self):
-            return packed_forward(self, images, labels)
-        tokens = self.tokenize(images, labels)
-        x, mask = tokens.x, tokens.key_padding_mask
-        feats, start = [], 0
-        for tap in self.taps:
-            x = self.encoder.forward_blocks(x, mask, start=start, end=tap)
-            feats.append(x)
-            start = tap
-        outputs = self.head(feats[::-1], mask)  # deepest first
-        outputs = [{**o, "mask_logits": tokens.to_grid(o["mask_logits"])} for o in outputs]
-        return SegmenterOutput(outputs, tokens.counts, {"layout": tokens.layout})
+    def stage_head(self, index: int) -> nn.Module | None:
+        return self.head if index == len(self.stages) - 1 else None
 
     @torch.no_grad()
     def predict(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, options: InferenceOptions | None = None
     ) -> tuple[torch.Tensor, SegmenterOutput]:
         """SegViT's inference order: the final mask logits are upsampled to the input size first, then
         sigmoid and the class combination run per pixel (early-exit heads combine on the grid instead)."""
-        out = self(images, labels)
+        out = self(images, labels, options)
         final = out.outputs[-1]
         logits = F.interpolate(final["mask_logits"], size=images.shape[-2:], mode="bilinear", align_corners=False)
         return self.head_scores({**final, "mask_logits": logits}), out

@@ -1,20 +1,40 @@
-"""Plain ViT/16 encoder (timm definitions) without class token, exposing its blocks and tapped layers."""
+"""Plain ViT/16 encoder (timm definitions) without class token, its blocks running over token rows."""
 
 from __future__ import annotations
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
 
 from step_lightning.core import ConfigError
 from step_lightning.models.backbones import BACKBONES, backbone_spec
+from step_lightning.models.packed import Packing, drop_path_rows, self_attention
 from step_lightning.models.pretrained import vit_state_dict
 
 
-def key_mask_to_attn_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, N] bool (True = real token) -> [B, 1, 1, N] mask for scaled_dot_product_attention."""
-    return None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+class RowBlock(Block):
+    """timm's ViT ``Block`` (its modules, so timm and pretrained state dicts load unchanged) over token rows
+    x [rows, C] of a ``Packing``: norms, projections and the MLP run over the rows, attention per image by the
+    kernel the packing selects (variable-length or dense with a key mask), drop path per image. timm's own
+    forward assumes [B, N, C]: its DropPath would drop single tokens of rows."""
+
+    def forward(self, x: Tensor, packing: Packing) -> Tensor:
+        attn = self.attn
+        rows = x.shape[0]
+        y = self.norm1(x)
+        qkv = attn.qkv(y).view(rows, 3, attn.num_heads, attn.head_dim)
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            q, k, v = qkv.unbind(1)
+            qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), 1)
+        out = self_attention(qkv, packing, attn.scale).reshape(rows, attn.attn_dim)
+        out = attn.norm(out)
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(y).sigmoid()
+        out = attn.proj_drop(attn.proj(out))
+        x = x + drop_path_rows(self.drop_path1, self.ls1(out), packing)
+        return x + drop_path_rows(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), packing)
 
 
 class ViTEncoder(nn.Module):
@@ -48,6 +68,7 @@ class ViTEncoder(nn.Module):
             img_size=img_size,
             depth=self.depth,
             drop_path_rate=drop_path_rate,
+            block_fn=RowBlock,
         )
         self.embed_dim = spec.embed_dim
         self.num_heads = spec.num_heads
@@ -83,12 +104,3 @@ class ViTEncoder(nn.Module):
         feats = self.patch_embed.proj(images)  # [B, C, Hp, Wp]
         feats = feats + self.pos_embed_grid(*feats.shape[-2:])
         return feats.flatten(2).transpose(1, 2)
-
-    def forward_blocks(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, start: int = 0, end: int | None = None
-    ) -> torch.Tensor:
-        """Run blocks[start:end] (0-indexed, end exclusive) on tokens x [B, N, C]."""
-        attn_mask = key_mask_to_attn_mask(key_padding_mask)
-        for block in self.blocks[start:end]:
-            x = block(x, attn_mask=attn_mask)
-        return x

@@ -1,35 +1,36 @@
-"""Token budgets for dCTS: exactly a given number of tokens per image, with static shapes and no host read.
+"""A token budget for dCTS: a fixed number of tokens per image, with static shapes and no host read.
 
 Public API
 ----------
-``parse_budget(value)``               ``budget=0.6`` (a fraction of the patch count) or ``budget=700`` (tokens).
-``budget_tokens(budget, grid, sizes)``  the token count of a parsed budget on one patch grid.
-``min_token_count(grid, sizes)``      tokens of the coarsest partition: the smallest reachable count.
-``budget_size_map(scores, grid, thresholds, budget_tokens, floor)``  the size map and per-image counts.
+``budget_tokens(budget, grid)``       the token count of ``budget=`` (a fraction of the patches, or a count).
+``fewest_tokens(grid, sizes)``        tokens of the coarsest partition: the smallest reachable count.
+``check_budget(tokens, grid, sizes)`` ConfigError when a count lies below it.
+``budget_size_map(scores, grid, thresholds, budget, floor)``  the size map of the rule below.
 
-The rule (``budget_size_map``)
-------------------------------
+The rule
+--------
 Every whole window w of size s gets the key ``score_w - tau_s``, its margin above its own threshold. dCTS merges
 the maximal windows of A = {key > 0} (a window inside a coarser member of A is covered by it, so coarse wins).
-The budget shifts all thresholds of an image by one offset: A_j = its j highest-key windows (ties: coarser
-first), layout L_j = the maximal windows of A_j. Growing A only coarsens L_j, so its token count c(j) falls
-with j; the rule takes the largest j with c(j) >= budget. Windows of all sizes compete in one ranking (a sure
-2x2 window merges before an unsure 16x16 one) while the thresholds set how sure each size must be, and a budget
-equal to an image's dCTS count gives exactly its dCTS layout, for any scores.
+The budget shifts all thresholds of an image by one offset: A_j = its j highest-key windows (ties: coarser, then
+raster order), layout L_j = the maximal windows of A_j. Growing A only coarsens L_j, so its token count c(j)
+falls with j; the rule takes the largest j with c(j) >= budget. Windows of all sizes compete in one ranking (a
+sure 2x2 window merges before an unsure 16x16 one) while the thresholds set how sure each size must be, and a
+budget equal to an image's dCTS count gives exactly its dCTS layout, for any scores.
 
 The next window in the ranking would overshoot: merging a window saves (tokens inside it) - 1. Every merge
 saves a multiple of 3 (a window's token count is 1 mod 3: s^2 = 1 mod 3 for every size), so the gap is closed
 with merges that save exactly 3: windows whose four quarters are already tokens, fine to coarse, the best key
-first within a size. The overshooting window decomposes into such merges, so enough exist, and every image
-ends at ``budget - (budget - Hp*Wp) mod 3`` tokens: the caller pads with the same 0, 1 or 2 tokens per image.
+first within a size. The overshooting window decomposes into such merges, so enough exist, and every image ends
+at ``budget - (budget - Hp*Wp) mod 3`` tokens, ties or not: the caller pads with the same 0, 1 or 2 tokens per
+image (padding attends to nothing and is never read).
 
 ``floor=True``: windows at or below their threshold never merge. An image whose dCTS count exceeds the budget
-then keeps its dCTS layout (more tokens than the budget); otherwise, where the above-threshold windows cannot
-close the gap, the overshooting window is merged and more padding is needed. Static shapes need floor=False.
+then keeps its dCTS layout (more tokens than the budget: not a static count); otherwise, where the windows above
+threshold cannot close the gap, the overshooting window merges and more padding is needed.
 
 Vectorised: c(j) for all j at once (w is maximal in A_j iff rank(w) < j <= the lowest rank among its
-ancestors, so its saving counts over an interval of j: a difference array and one cumulative sum), one
-argsort over all windows, Python loops over the four window sizes only.
+ancestors, so its saving counts over an interval of j: a difference array and one cumulative sum), one argsort
+over all windows, Python loops over the four window sizes only.
 """
 
 from __future__ import annotations
@@ -43,50 +44,37 @@ from step_lightning.core import ConfigError
 from step_lightning.tokens.layout import expand_windows, window_scores
 from step_lightning.tokens.tau import WINDOW_SIZES
 
-_EXPECTED = (
-    "a fraction of the patch count in (0, 1], e.g. budget=0.6 (1.0 = every patch its own token), "
-    "or a token count > 1, e.g. budget=700"
-)
+
+def budget_tokens(budget: float, grid: tuple[int, int]) -> int:
+    """Tokens per image of ``budget``: a fraction of the patch count (0 < budget <= 1) or a count (> 1)."""
+    patches = grid[0] * grid[1]
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
+        raise ConfigError(f"budget={budget} must be a fraction of the patches in (0, 1] or a token count, "
+                          "e.g. budget=0.4.")
+    return min(patches, max(1, round(budget * patches))) if budget <= 1 else min(patches, int(budget))
 
 
-def parse_budget(value: float | int) -> float | int:
-    """A float in (0, 1] (a fraction of the patch count) or an int > 1 (tokens); ConfigError otherwise."""
-    # bool is an int subclass; True would otherwise read as a count.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"budget={value!r} is not a number; give {_EXPECTED}.")
-    if isinstance(value, int):
-        if value <= 1:
-            raise ConfigError(f"budget={value} is no token count; give {_EXPECTED}.")
-        return value
-    if not 0.0 < value <= 1.0:  # also refuses nan
-        raise ConfigError(f"budget={value} is a float outside (0, 1]; give {_EXPECTED}.")
-    return float(value)
-
-
-def min_token_count(grid: tuple[int, int], sizes: Sequence[int] = WINDOW_SIZES) -> int:
-    """Tokens of the coarsest partition of an Hp x Wp grid into aligned windows of ``sizes`` and 1x1 cells: each
-    size tiles its whole-window area less the area the larger sizes tiled; 1x1 cells fill the rest."""
+def fewest_tokens(grid: tuple[int, int], sizes: Sequence[int]) -> int:
+    """The fewest tokens a layout with windows of ``sizes`` has on an Hp x Wp grid: every cell in the largest
+    window that fits there. The windows of size s tile the rectangle [0, Hp - Hp mod s) x [0, Wp - Wp mod s);
+    these rectangles shrink as s grows, so each size adds its windows outside the next larger size's rectangle,
+    and cells outside every rectangle stay single patches. Python ints from shapes."""
     hp, wp = grid
-    count, tiled = 0, 0
+    count, inner = 0, (0, 0)  # the next larger size's rectangle
     for s in sorted(sizes, reverse=True):
-        area = (hp // s * s) * (wp // s * s)
-        count += (area - tiled) // (s * s)
-        tiled = area
-    return count + hp * wp - tiled
+        rows, cols = hp - hp % s, wp - wp % s
+        count += (rows // s) * (cols // s) - (inner[0] // s) * (inner[1] // s)
+        inner = (rows, cols)
+    return count + hp * wp - inner[0] * inner[1]
 
 
-def budget_tokens(budget: float | int, grid: tuple[int, int], sizes: Sequence[int] = WINDOW_SIZES) -> int:
-    """The token count of a ``parse_budget`` value on an Hp x Wp patch grid (a fraction is rounded); ConfigError
-    when it lies outside [``min_token_count``, Hp*Wp]."""
-    hp, wp = grid
-    tokens = round(budget * hp * wp) if isinstance(budget, float) else budget
-    lowest = min_token_count(grid, sizes)
-    if not lowest <= tokens <= hp * wp:
+def check_budget(tokens: int, grid: tuple[int, int], sizes: Sequence[int]) -> None:
+    fewest = fewest_tokens(grid, sizes)
+    if tokens < fewest:
         raise ConfigError(
-            f"budget={budget} means {tokens} tokens on a {hp}x{wp} patch grid, outside the reachable "
-            f"[{lowest}, {hp * wp}] (all windows merged .. none); give a budget in that range for this image size."
+            f"a budget of {tokens} tokens is below the {fewest} that a {grid[0]}x{grid[1]} patch grid keeps with "
+            f"every window of sizes {list(sizes)} merged; raise the budget to >= {fewest / (grid[0] * grid[1]):.3f}."
         )
-    return tokens
 
 
 def _first_k(mask: Tensor, order: Tensor, k: Tensor) -> Tensor:
@@ -153,24 +141,21 @@ def budget_size_map(
     scores: Mapping[int, Tensor],
     grid: tuple[int, int],
     thresholds: Sequence[float],
-    budget_tokens: int,
+    budget: int,
     floor: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The budget rule of the module doc. scores {s: float [B, Hp//s, Wp//s]} for s = 2, 4, ... up to the
-    largest size used (a prefix of WINDOW_SIZES, as a policy gives; ceil-sized maps are cropped), thresholds
-    (tau2, tau4, tau8, tau16), budget_tokens in [min_token_count, Hp*Wp].
-
-    Returns the size map int64 [B, Hp, Wp] (an aligned partition, see ``layout_from_size_map``) and the token
-    counts int64 [B]: ``budget_tokens - (budget_tokens - Hp*Wp) % 3`` for every image when floor=False.
-    """
+) -> Tensor:
+    """The size map int64 [B, Hp, Wp] (an aligned partition, see ``layout_from_size_map``) of the rule in the
+    module doc: ``budget - (budget - Hp*Wp) % 3`` tokens per image (floor=False). scores {s: float [B, Hp//s,
+    Wp//s]} for s = 2, 4, ... up to the largest size used (a prefix of WINDOW_SIZES, as a policy gives; ceil-sized
+    maps are cropped), thresholds (tau2, tau4, tau8, tau16), budget in [``fewest_tokens``, Hp*Wp]."""
     hp, wp = grid
     if len(thresholds) != len(WINDOW_SIZES):
         raise ValueError(f"thresholds must be (tau2, tau4, tau8, tau16), got {thresholds!r}")
     if not scores or sorted(scores) != list(WINDOW_SIZES[: len(scores)]):
         raise ValueError(f"budget layouts need scores for the sizes 2, 4, ... up to the largest, got {sorted(scores)}")
-    lowest = min_token_count(grid, tuple(scores))
-    if not lowest <= budget_tokens <= hp * wp:
-        raise ValueError(f"budget_tokens={budget_tokens} lies outside [{lowest}, {hp * wp}] for a {hp}x{wp} grid")
+    fewest = fewest_tokens(grid, tuple(scores))
+    if not fewest <= budget <= hp * wp:
+        raise ValueError(f"budget={budget} tokens lies outside [{fewest}, {hp * wp}] for a {hp}x{wp} grid")
     ref = next(iter(scores.values()))
     b, device = ref.shape[0], ref.device
     tau = dict(zip(WINDOW_SIZES, thresholds, strict=True))
@@ -178,7 +163,7 @@ def budget_size_map(
     sizes = [s for s in sorted(scores, reverse=True) if hp // s and wp // s]
     keys = {s: window_scores(scores[s], s, hp, wp) - tau[s] for s in sizes}
     if not keys:
-        return _size_map({}, grid, b, device), torch.full((b,), hp * wp, dtype=torch.long, device=device)
+        return _size_map({}, grid, b, device)
     rank, ancestor, total = _ranks(keys, grid)
 
     # Token count c(j), j = 0..W: window w saves s^2 - 1 tokens for rank(w) < j <= ancestor(w).
@@ -187,24 +172,21 @@ def budget_size_map(
         saving = (s * s - 1) * (ancestor[s] > rank[s]).long().flatten(1)
         delta.scatter_add_(1, rank[s].flatten(1) + 1, saving)
         delta.scatter_add_(1, ancestor[s].flatten(1) + 1, -saving)
-    count = hp * wp - delta.cumsum(1)[:, : total + 1]
+    count = hp * wp - delta.cumsum(1)[:, : total + 1]  # [B, W + 1]
     # With the floor, A never grows past the windows above their thresholds (they rank first).
     largest = sum((k > 0).flatten(1).sum(1) for k in keys.values()) if floor else torch.full_like(count[:, 0], total)
-    j = torch.minimum((count >= budget_tokens).sum(1) - 1, largest)
+    j = torch.minimum((count >= budget).sum(1) - 1, largest)
 
     def layout(j: Tensor) -> Tensor:
         jj = j.view(b, 1, 1)
         return _size_map({s: (rank[s] < jj) & (ancestor[s] >= jj) for s in keys}, grid, b, device)
 
     count_j = count.gather(1, j.unsqueeze(1)).squeeze(1)
-    merges = torch.div(count_j - budget_tokens + 2, 3, rounding_mode="floor")
+    merges = torch.div(count_j - budget + 2, 3, rounding_mode="floor")
     allowed = {s: k > 0 for s, k in keys.items()} if floor else None
     size_map, undone = _fill(layout(j), rank, allowed, merges)
-    counts = count_j - 3 * (merges - undone)
     if floor:
         # Too few windows above threshold to close the gap: merge the overshooting window instead.
-        short = undone > 0
         after = torch.minimum(j + 1, largest)
-        size_map = torch.where(short.view(b, 1, 1), layout(after), size_map)
-        counts = torch.where(short, count.gather(1, after.unsqueeze(1)).squeeze(1), counts)
-    return size_map, counts
+        size_map = torch.where((undone > 0).view(b, 1, 1), layout(after), size_map)
+    return size_map

