@@ -120,7 +120,7 @@ def test_saturated_scores_give_exactly_the_budget(grid):
     ]
     for scores in batches:
         for tau in (ZERO_TAU, parse_tau(6899), parse_tau(9999)):
-            for budget in budgets(grid, steps=13):
+            for budget in budgets(grid, steps=7):
                 checked_budget(scores, grid, tau, budget)
 
 
