@@ -17,7 +17,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from step_lightning.api.export import FORMATS, INPUT_NAME, OUTPUT_NAME, check_exportable, export_model, max_difference
+from step_lightning.api.export import (
+    FORMATS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    check_exportable,
+    export_model,
+    export_options,
+    max_difference,
+)
 from step_lightning.api.predictor import dataset_metadata
 from step_lightning.cli import checked_command_line, run_command
 from step_lightning.core import PATCH_SIZE, ConfigError
@@ -30,13 +38,14 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError("ckpt_path is required, e.g. ckpt_path=outputs/<run>/checkpoints/last.ckpt")
     module = load_module(cfg.ckpt_path)
     spec = dict(module.hparams.model)
-    check_exportable(spec, cfg.format)
+    options = export_options(cfg.get("budget"), cfg.get("halt_budget"))
+    check_exportable(spec, cfg.format, options)
     size = cfg.size or spec["img_size"]
     if not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
         raise ConfigError(f"size={size} must be a positive multiple of {PATCH_SIZE} (e.g. {spec['img_size']}).")
     output = Path(cfg.output or Path(cfg.ckpt_path).with_suffix(FORMATS[cfg.format])).expanduser()
-    export_model(module.model, cfg.format, output, size)
-    difference = max_difference(module.model, cfg.format, output, size)
+    export_model(module.model, cfg.format, output, size, options)
+    difference = max_difference(module.model, cfg.format, output, size, options)
     print(f"export: max abs difference from eager {difference:.3g} (tolerance {cfg.tolerance:g})")
     if not difference <= cfg.tolerance:
         output.unlink()
@@ -54,6 +63,7 @@ def export(cfg: DictConfig) -> Path:
                    "meaning": "class scores; the arg-max over dimension 1 is the label map"},
         "dataset": dataset,
         "model": spec,
+        "budgets": {"budget": options.budget, "halt_budget": options.halt_budget},
         "max_abs_difference": difference,
     })
     print(f"export: {output}")

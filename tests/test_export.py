@@ -75,10 +75,12 @@ def test_cts_to_onnx(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_models_that_do_not_export_say_why(tiny_checkpoint, monkeypatch):
-    with pytest.raises(ConfigError, match="exit heads .* data-dependent number of tokens"):
+    with pytest.raises(ConfigError, match="exit heads .* budgets only.* halt_budget=<fraction> and budget=<fraction>"):
         export(export_cfg(tiny_checkpoint("step")))
-    with pytest.raises(ConfigError, match="dCTS's data-dependent token count .* use format=torch_export"):
-        export(export_cfg(tiny_checkpoint("dcts"), "format=onnx"))
+    with pytest.raises(ConfigError, match="budget=<fraction>"):
+        export(export_cfg(tiny_checkpoint("step"), "halt_budget=0.3"))  # its dCTS tokenizer needs one too
+    with pytest.raises(ConfigError, match="format=onnx does not cover dCTS.* use format=torch_export"):
+        export(export_cfg(tiny_checkpoint("dcts"), "format=onnx", "budget=0.5"))
     with pytest.raises(ConfigError, match="policy=oracle"):
         export(export_cfg(tiny_checkpoint("dcts_oracle")))
     with pytest.raises(ConfigError, match="format=tflite must be one of torch_export, onnx"):
@@ -124,3 +126,41 @@ def test_the_exported_graph_is_predict_even_where_the_upsampling_order_matters(t
     torch.testing.assert_close(exported, expected, atol=1e-4, rtol=0)
     grid_first = F.interpolate(model.head_scores(out.outputs[-1]), size=(64, 64), mode="bilinear", align_corners=False)
     assert (exported - grid_first).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["torch_export"])
+@pytest.mark.parametrize("kind", ["dcts", "step"])
+def test_models_with_budgets_export_and_equal_predict(tiny_checkpoint, tmp_path, capsys, kind, fmt):
+    """With compute budgets every shape is static: dCTS and STEP export to one torch.export graph that computes
+    ``predict`` with the same budgets."""
+    checkpoint = tiny_checkpoint(kind)
+    budgets = ["budget=0.5"] + (["halt_budget=0.3"] if kind == "step" else [])
+    output = tmp_path / f"{kind}{'.pt2' if fmt == 'torch_export' else '.onnx'}"
+    path = export(export_cfg(checkpoint, f"format={fmt}", f"output={output}", *budgets))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"export: {path}" and float(lines[-2].split("eager ")[1].split(" ")[0]) <= 1e-4
+    meta = json.loads(path.with_name(f"{path.name}.json").read_text())
+    assert meta["budgets"] == {"budget": 0.5, "halt_budget": 0.3 if kind == "step" else None}
+    model = load_module(checkpoint).model
+    from step_lightning.models.engine import InferenceOptions
+
+    images = torch.cat([random_batch(2, 64, seed=s) * (1 + s) for s in range(2)])
+    options = InferenceOptions(budget=0.5, halt_budget=0.3 if kind == "step" else None)
+    expected, out = model.predict(images, options=options)
+    assert len(out.tokens.unique()) > 1 or kind == "step"  # different content, one graph
+    torch.testing.assert_close(run_exported(fmt, path, images), expected, atol=1e-4, rtol=0)
+
+
+@needs_onnx
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export"])
+def test_exit_models_with_a_halting_budget_export_to_onnx(tmp_path, fmt):
+    """DToP with a halting budget (patch tokens): one static ONNX graph equal to ``predict`` with that budget."""
+    from step_lightning.api.export import export_model, export_options, max_difference
+    from step_lightning.models.factory import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(backbone="vit_t", num_classes=5, img_size=64, depth=3, drop_path_rate=0.0,
+                                  prune_heads=(1, 2))).eval()
+    options = export_options(halt_budget=0.4)
+    path = export_model(model, fmt, tmp_path / f"dtop.{fmt}", 64, options)
+    assert max_difference(model, fmt, path, 64, options) <= 1e-4

@@ -175,8 +175,9 @@ def budget_halting_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: flo
 
 
 def _rank(conf: torch.Tensor) -> torch.Tensor:
-    """int64 [B, N]: each token's position when its image's tokens are sorted by descending ``conf``."""
-    order = conf.argsort(dim=1, descending=True, stable=True)
+    """int64 [B, N]: each token's position when its image's tokens are sorted by descending ``conf`` (a full
+    top-k: ONNX has TopK, not a stable sort; equal confidences may rank either way)."""
+    order = conf.topk(conf.shape[1], dim=1).indices
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)
 

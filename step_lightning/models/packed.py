@@ -126,7 +126,9 @@ class Packing:
         device = counts.device
         cu = F.pad(counts.cumsum(0), (1, 0))
         index = torch.arange(rows, device=device)
-        image = torch.searchsorted(cu[1:], index, right=True)  # B past the real total
+        # the row's image: how many images end at or before it (B past the real total); a comparison, not
+        # searchsorted, which ONNX has no operator for
+        image = (index[:, None] >= cu[1:]).sum(1)
         real = image < batch
         slots = torch.arange(max_len, device=device)
         key_mask = slots < counts[:, None]
