@@ -147,7 +147,7 @@ def test_models_with_budgets_export_and_equal_predict(tiny_checkpoint, tmp_path,
     images = torch.cat([random_batch(2, 64, seed=s) * (1 + s) for s in range(2)])
     options = InferenceOptions(budget=0.5, halt_budget=0.3 if kind == "step" else None)
     expected, out = model.predict(images, options=options)
-    assert len(out.tokens.unique()) > 1 or kind == "step"  # different content, one graph
+    assert kind == "step" or (out.tokens == 7).all()  # different content, the budget's exact count: 8 - (8 - 16) % 3
     torch.testing.assert_close(run_exported(fmt, path, images), expected, atol=1e-4, rtol=0)
 
 

@@ -1,16 +1,36 @@
-"""A token budget for dCTS: at most a fixed number of tokens per image, with static shapes and no host read.
+"""A token budget for dCTS: a fixed number of tokens per image, with static shapes and no host read.
 
-dCTS accepts a window of size s when its score exceeds tau_s and no larger accepted window contains it. Shifting
-every threshold by the same delta keeps that rule and its coarse-to-fine nesting, and orders windows by their
-margin score - tau_s: lowering delta only adds accepted windows, each of which coarsens the partition, so the
-token count is nondecreasing in delta. Per image, ``budget_size_map`` finds the largest delta whose layout has at
-most ``budget`` tokens by a bracketing search: ``ROUNDS`` rounds of ``CANDIDATES`` deltas evaluated at once
-(vectorised over images and candidates, a fixed number of ops: no host read, no loop over windows). The caller
-pads each image to exactly ``budget`` tokens; the padding never attends or is read. Windows whose margins tie
-(an oracle's 0/1 scores) merge together, so the real count may stay a merge step below the budget.
+Public API
+----------
+``budget_tokens(budget, grid)``       the token count of ``budget=`` (a fraction of the patches, or a count).
+``fewest_tokens(grid, sizes)``        tokens of the coarsest partition: the smallest reachable count.
+``check_budget(tokens, grid, sizes)`` ConfigError when a count lies below it.
+``budget_size_map(scores, grid, thresholds, budget, floor)``  the size map of the rule below.
 
-delta = 0 is the threshold layout: a budget equal to an image's own dCTS count reproduces it whenever no other
-layout with that count lies between (``tests/test_tokens_budget.py``). A budget of every patch is plain patches.
+The rule
+--------
+Every whole window w of size s gets the key ``score_w - tau_s``, its margin above its own threshold. dCTS merges
+the maximal windows of A = {key > 0} (a window inside a coarser member of A is covered by it, so coarse wins).
+The budget shifts all thresholds of an image by one offset: A_j = its j highest-key windows (ties: coarser, then
+raster order), layout L_j = the maximal windows of A_j. Growing A only coarsens L_j, so its token count c(j)
+falls with j; the rule takes the largest j with c(j) >= budget. Windows of all sizes compete in one ranking (a
+sure 2x2 window merges before an unsure 16x16 one) while the thresholds set how sure each size must be, and a
+budget equal to an image's dCTS count gives exactly its dCTS layout, for any scores.
+
+The next window in the ranking would overshoot: merging a window saves (tokens inside it) - 1. Every merge
+saves a multiple of 3 (a window's token count is 1 mod 3: s^2 = 1 mod 3 for every size), so the gap is closed
+with merges that save exactly 3: windows whose four quarters are already tokens, fine to coarse, the best key
+first within a size. The overshooting window decomposes into such merges, so enough exist, and every image ends
+at ``budget - (budget - Hp*Wp) mod 3`` tokens, ties or not: the caller pads with the same 0, 1 or 2 tokens per
+image (padding attends to nothing and is never read).
+
+``floor=True``: windows at or below their threshold never merge. An image whose dCTS count exceeds the budget
+then keeps its dCTS layout (more tokens than the budget: not a static count); otherwise, where the windows above
+threshold cannot close the gap, the overshooting window merges and more padding is needed.
+
+Vectorised: c(j) for all j at once (w is maximal in A_j iff rank(w) < j <= the lowest rank among its
+ancestors, so its saving counts over an interval of j: a difference array and one cumulative sum), one argsort
+over all windows, Python loops over the four window sizes only.
 """
 
 from __future__ import annotations
@@ -21,11 +41,8 @@ import torch
 from torch import Tensor
 
 from step_lightning.core import ConfigError
-from step_lightning.tokens.layout import dcts_size_map
-
-ROUNDS = 3
-CANDIDATES = 32  # deltas per round: the bracket shrinks 31x per round (resolution 2.02 / 31^3 ~ 7e-5)
-SPAN = 1.01  # scores and thresholds lie in [0, 1]: delta = -SPAN merges every window, +SPAN none
+from step_lightning.tokens.layout import expand_windows, window_scores
+from step_lightning.tokens.tau import WINDOW_SIZES
 
 
 def budget_tokens(budget: float, grid: tuple[int, int]) -> int:
@@ -60,35 +77,116 @@ def check_budget(tokens: int, grid: tuple[int, int], sizes: Sequence[int]) -> No
         )
 
 
-def _counts(size_map: Tensor) -> Tensor:
-    """int64 [B]: tokens of each size map (cells that are their token's top-left cell)."""
-    _, hp, wp = size_map.shape
-    rows = torch.arange(hp, device=size_map.device).view(1, hp, 1) % size_map
-    cols = torch.arange(wp, device=size_map.device).view(1, 1, wp) % size_map
-    return ((rows == 0) & (cols == 0)).flatten(1).sum(1)
+def _first_k(mask: Tensor, order: Tensor, k: Tensor) -> Tensor:
+    """bool [B, ...]: the ``k`` [B] entries of ``mask`` with the smallest ``order`` (distinct per image), all of
+    them when fewer. The k-th smallest is found with one sort and a gather (no host read)."""
+    flat_order = torch.where(mask, order, torch.iinfo(order.dtype).max).flatten(1)
+    ranked = flat_order.sort(dim=1).values
+    cutoff = ranked.gather(1, (k - 1).clamp(0, ranked.shape[1] - 1).unsqueeze(1)).view(-1, *[1] * (mask.ndim - 1))
+    return mask & (order <= cutoff) & (k > 0).view_as(cutoff)
 
 
-def _shifted_size_maps(scores: Mapping[int, Tensor], grid, thresholds: Sequence[float], deltas: Tensor) -> Tensor:
-    """Size maps [B * C, Hp, Wp] of every image under every threshold shift ``deltas`` [B, C]: the scores
-    minus the shift against the plain thresholds (the same comparison as score > tau + delta)."""
-    b, c = deltas.shape
-    shifted = {s: (v[:, None] - deltas[..., None, None].to(v.dtype)).flatten(0, 1) for s, v in scores.items()}
-    return dcts_size_map(shifted, grid, thresholds)
+def _size_map(accept: dict[int, Tensor], grid: tuple[int, int], batch: int, device: torch.device) -> Tensor:
+    """int64 [B, Hp, Wp] from disjoint accepted windows {s: bool [B, nh, nw]}."""
+    hp, wp = grid
+    size_map = torch.ones(batch, hp, wp, dtype=torch.long, device=device)
+    for s, acc in accept.items():
+        size_map = size_map.masked_fill(expand_windows(acc, s, hp, wp), s)
+    return size_map
 
 
-def budget_size_map(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds: Sequence[float],
-                    budget: int) -> Tensor:
-    """The dCTS size map [B, Hp, Wp] of each image with at most ``budget`` tokens, as close to it as the
-    window margins allow (see the module doc); ``budget`` must be at least ``fewest_tokens``."""
+def _ranks(keys: dict[int, Tensor], grid: tuple[int, int]) -> tuple[dict[int, Tensor], dict[int, Tensor], int]:
+    """Every window's rank among all windows of its image (key descending, ties: coarser, then raster order;
+    ``keys`` is ordered coarse first), the lowest rank among the windows containing it (W = none), and W."""
+    hp, wp = grid
+    sizes = list(keys)
+    b = keys[sizes[0]].shape[0]
+    device = keys[sizes[0]].device
+    flat_keys = torch.cat([k.flatten(1) for k in keys.values()], 1)
+    total = flat_keys.shape[1]
+    order = flat_keys.argsort(dim=1, descending=True, stable=True)
+    flat_rank = torch.empty_like(order).scatter_(1, order, torch.arange(total, device=device).expand(b, total))
+    splits = flat_rank.split([k[0].numel() for k in keys.values()], 1)
+    rank = {s: r.reshape(keys[s].shape) for s, r in zip(sizes, splits, strict=True)}
+    ancestor = {}
+    lowest = torch.full((b, hp, wp), total, dtype=torch.long, device=device)  # per cell, over the sizes so far
+    for s in sizes:
+        nh, nw = keys[s].shape[1:]
+        ancestor[s] = lowest[:, ::s, ::s][:, :nh, :nw]
+        lowest = torch.minimum(lowest, expand_windows(rank[s], s, hp, wp, fill=total))
+    return rank, ancestor, total
+
+
+def _fill(
+    size_map: Tensor, rank: dict[int, Tensor], allowed: dict[int, Tensor] | None, merges: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Merge ``merges`` [B] more windows whose four quarters are tokens (3 tokens saved each), fine to coarse,
+    the lowest rank first within a size, only ``allowed`` ones where given. Returns the size map and the merges
+    left undone (non-zero only when too few such windows exist)."""
+    b, hp, wp = size_map.shape
+    for s in sorted(rank):
+        nh, nw = rank[s].shape[1:]
+        half = s // 2
+        quarters = size_map[:, ::half, ::half][:, : 2 * nh, : 2 * nw] == half
+        candidate = quarters.view(b, nh, 2, nw, 2).all(4).all(2)
+        if allowed is not None:
+            candidate = candidate & allowed[s]
+        take = _first_k(candidate, rank[s], merges)
+        merges = merges - take.flatten(1).sum(1)
+        size_map = size_map.masked_fill(expand_windows(take, s, hp, wp), s)
+    return size_map, merges
+
+
+def budget_size_map(
+    scores: Mapping[int, Tensor],
+    grid: tuple[int, int],
+    thresholds: Sequence[float],
+    budget: int,
+    floor: bool = False,
+) -> Tensor:
+    """The size map int64 [B, Hp, Wp] (an aligned partition, see ``layout_from_size_map``) of the rule in the
+    module doc: ``budget - (budget - Hp*Wp) % 3`` tokens per image (floor=False). scores {s: float [B, Hp//s,
+    Wp//s]} for s = 2, 4, ... up to the largest size used (a prefix of WINDOW_SIZES, as a policy gives; ceil-sized
+    maps are cropped), thresholds (tau2, tau4, tau8, tau16), budget in [``fewest_tokens``, Hp*Wp]."""
+    hp, wp = grid
+    if len(thresholds) != len(WINDOW_SIZES):
+        raise ValueError(f"thresholds must be (tau2, tau4, tau8, tau16), got {thresholds!r}")
+    if not scores or sorted(scores) != list(WINDOW_SIZES[: len(scores)]):
+        raise ValueError(f"budget layouts need scores for the sizes 2, 4, ... up to the largest, got {sorted(scores)}")
+    fewest = fewest_tokens(grid, tuple(scores))
+    if not fewest <= budget <= hp * wp:
+        raise ValueError(f"budget={budget} tokens lies outside [{fewest}, {hp * wp}] for a {hp}x{wp} grid")
     ref = next(iter(scores.values()))
     b, device = ref.shape[0], ref.device
-    lo = torch.full((b, 1), -SPAN, device=device)
-    hi = torch.full((b, 1), SPAN, device=device)
-    steps = torch.linspace(0.0, 1.0, CANDIDATES, device=device)
-    for _ in range(ROUNDS):
-        deltas = lo + (hi - lo) * steps  # [B, C], ascending
-        counts = _counts(_shifted_size_maps(scores, grid, thresholds, deltas)).view(b, CANDIDATES)
-        fits = (counts <= budget).sum(1, keepdim=True)  # a prefix: counts grow with delta; >= 1 (delta = lo fits)
-        lo = deltas.gather(1, (fits - 1).clamp(min=0))
-        hi = deltas.gather(1, fits.clamp(max=CANDIDATES - 1))
-    return _shifted_size_maps(scores, grid, thresholds, lo).view(b, *grid)
+    tau = dict(zip(WINDOW_SIZES, thresholds, strict=True))
+    # Coarse first (rank ties go to the coarser window); sizes without a whole window in the grid drop out.
+    sizes = [s for s in sorted(scores, reverse=True) if hp // s and wp // s]
+    keys = {s: window_scores(scores[s], s, hp, wp) - tau[s] for s in sizes}
+    if not keys:
+        return _size_map({}, grid, b, device)
+    rank, ancestor, total = _ranks(keys, grid)
+
+    # Token count c(j), j = 0..W: window w saves s^2 - 1 tokens for rank(w) < j <= ancestor(w).
+    delta = torch.zeros(b, total + 2, dtype=torch.long, device=device)
+    for s in keys:
+        saving = (s * s - 1) * (ancestor[s] > rank[s]).long().flatten(1)
+        delta.scatter_add_(1, rank[s].flatten(1) + 1, saving)
+        delta.scatter_add_(1, ancestor[s].flatten(1) + 1, -saving)
+    count = hp * wp - delta.cumsum(1)[:, : total + 1]  # [B, W + 1]
+    # With the floor, A never grows past the windows above their thresholds (they rank first).
+    largest = sum((k > 0).flatten(1).sum(1) for k in keys.values()) if floor else torch.full_like(count[:, 0], total)
+    j = torch.minimum((count >= budget).sum(1) - 1, largest)
+
+    def layout(j: Tensor) -> Tensor:
+        jj = j.view(b, 1, 1)
+        return _size_map({s: (rank[s] < jj) & (ancestor[s] >= jj) for s in keys}, grid, b, device)
+
+    count_j = count.gather(1, j.unsqueeze(1)).squeeze(1)
+    merges = torch.div(count_j - budget + 2, 3, rounding_mode="floor")
+    allowed = {s: k > 0 for s, k in keys.items()} if floor else None
+    size_map, undone = _fill(layout(j), rank, allowed, merges)
+    if floor:
+        # Too few windows above threshold to close the gap: merge the overshooting window instead.
+        after = torch.minimum(j + 1, largest)
+        size_map = torch.where((undone > 0).view(b, 1, 1), layout(after), size_map)
+    return size_map

@@ -130,7 +130,7 @@ def layout_from_size_map(size_map: Tensor, num_slots: int | None = None) -> Toke
     )
 
 
-def _window_scores(scores: Tensor, s: int, hp: int, wp: int) -> Tensor:
+def window_scores(scores: Tensor, s: int, hp: int, wp: int) -> Tensor:
     """Crop a [B, h, w] score map to the floor(Hp/s) x floor(Wp/s) windows that lie inside the grid.
 
     Maps with ceil(Hp/s) x ceil(Wp/s) entries (partial border windows included) are accepted: the
@@ -146,13 +146,13 @@ def _window_scores(scores: Tensor, s: int, hp: int, wp: int) -> Tensor:
     return scores[:, :nh, :nw]
 
 
-def _expand_windows(accept: Tensor, s: int, hp: int, wp: int) -> Tensor:
-    """bool [B, nh, nw] per window -> bool [B, Hp, Wp] per cell (border cells outside windows False).
+def expand_windows(values: Tensor, s: int, hp: int, wp: int, fill: int = 0) -> Tensor:
+    """[B, nh, nw] per window -> [B, Hp, Wp] per cell (border cells outside whole windows hold ``fill``).
     One copy (expand + reshape), plus one pad when the windows do not tile the grid."""
-    b, nh, nw = accept.shape
-    cells = accept[:, :, None, :, None].expand(b, nh, s, nw, s).reshape(b, nh * s, nw * s)
+    b, nh, nw = values.shape
+    cells = values[:, :, None, :, None].expand(b, nh, s, nw, s).reshape(b, nh * s, nw * s)
     if (nh * s, nw * s) != (hp, wp):
-        cells = torch.nn.functional.pad(cells, (0, wp - nw * s, 0, hp - nh * s))
+        cells = torch.nn.functional.pad(cells, (0, wp - nw * s, 0, hp - nh * s), value=fill)
     return cells
 
 
@@ -161,7 +161,7 @@ def dcts_layout(scores: Mapping[int, Tensor], grid: tuple[int, int], thresholds:
     no window accepted at a larger size.
 
     scores:     {s: float [B, Hp//s, Wp//s]} homogeneity probabilities per window size s in 2, 4, 8,
-                16 (ceil-sized maps are cropped, see ``_window_scores``). A missing size never merges.
+                16 (ceil-sized maps are cropped, see ``window_scores``). A missing size never merges.
     grid:       (Hp, Wp).
     thresholds: (tau2, tau4, tau8, tau16), e.g. ``parse_tau(6899)``.
 
@@ -186,7 +186,7 @@ def dcts_size_map(scores: Mapping[int, Tensor], grid: tuple[int, int], threshold
         if s not in scores or nh == 0 or nw == 0:
             continue
         free = size_map[:, ::s, ::s][:, :nh, :nw] == 1  # top-left cell not covered by a larger window
-        accept = _expand_windows((_window_scores(scores[s], s, hp, wp) > tau) & free, s, hp, wp)
+        accept = expand_windows((window_scores(scores[s], s, hp, wp) > tau) & free, s, hp, wp)
         size_map = size_map.masked_fill(accept, s)
     return size_map
 
@@ -207,13 +207,13 @@ def cts_layout(score2: Tensor, grid: tuple[int, int], k: int) -> TokenLayout:
 def cts_size_map(score2: Tensor, grid: tuple[int, int], k: int) -> Tensor:
     """The per-cell size map [B, Hp, Wp] of ``cts_layout``."""
     hp, wp = grid
-    flat = _window_scores(score2, 2, hp, wp).flatten(1)
+    flat = window_scores(score2, 2, hp, wp).flatten(1)
     if not 0 <= k <= flat.shape[1]:
         raise ValueError(f"k={k} must lie in [0, {flat.shape[1]}] for a {hp}x{wp} grid")
     top = flat.topk(k, dim=1).indices
     # A tensor source (not a Python bool) keeps this traceable by fvcore's jit trace.
     accept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, torch.ones_like(top, dtype=torch.bool))
-    cells = _expand_windows(accept.view(-1, hp // 2, wp // 2), 2, hp, wp)
+    cells = expand_windows(accept.view(-1, hp // 2, wp // 2), 2, hp, wp)
     return torch.ones_like(cells, dtype=torch.long).masked_fill(cells, 2)
 
 
