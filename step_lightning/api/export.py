@@ -49,7 +49,7 @@ class ScoresGraph(nn.Module):
 def check_exportable(spec: dict, fmt: str) -> None:
     """One-line ConfigError saying why the model of ``spec`` (a ModelSpec dict) cannot go to ``fmt``."""
     if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt} must be one of {', '.join(FORMATS)}.")
+        raise ConfigError(f"format={fmt} must be one of {', '.join(FORMATS)} or hub (a model folder).")
     if spec["prune_heads"]:
         raise ConfigError(
             f"a model with exit heads (prune_heads={list(spec['prune_heads'])}) cannot be exported: after every "
