@@ -63,6 +63,7 @@ def test_checkpoint_folder_and_hub_repo_id_predict_identically(tiny_checkpoint, 
     checkpoint = tiny_checkpoint("step")
     folder = save_pretrained(checkpoint, tmp_path / "step-tiny", summary=False)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir())  # readable by whoever it is shared with
     expected = predictions(step_lightning.load(checkpoint, device="cpu"))
     assert_same(predictions(step_lightning.load(folder, device="cpu")), expected)
     hf_cache("step-org/step-tiny", folder)
@@ -174,8 +175,10 @@ def test_the_card_tables_accuracy_against_cost_over_phases_and_names_the_backbon
     assert "| no_halting | 49.00 | 105.3 | 1024.0 | 0.000 |" in text
     assert "| final | 48.20 | 88.5 | 1024.0 | 0.310 |" in text
     assert "license: apache-2.0" in text and "| Halted fraction | 0.310 |" in text
+    assert "initialised from timm's `vit_base_patch16_384.augreg_in21k_ft_in1k`, released under apache-2.0" in text
     assert backbone_weights(summary) == ("timm's `vit_base_patch16_384.augreg_in21k_ft_in1k`", "apache-2.0")
-    assert backbone_weights({"config": {"model": {"pretrained": "/data/vit.pth"}}})[1] == "unknown"
+    assert backbone_weights({"config": {"model": {"pretrained": "/data/vit.pth"}}}) == (
+        "`vit.pth` (a local file; its license is not recorded)", "unknown")
 
 
 # --- the command and the push -----------------------------------------------------------------------------------------

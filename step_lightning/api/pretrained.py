@@ -79,6 +79,8 @@ def save_pretrained(
     shutil.rmtree(partial, ignore_errors=True)
     write_model_folder(partial, config, module.model.state_dict())
     atomic_write_text(partial / CARD_FILE, card)
+    for file in partial.iterdir():
+        file.chmod(0o644)  # atomic writes create private files; a model folder is for sharing
     check_round_trip(module, partial)
     if target.exists():  # renames: a crash leaves the old folder or the new one, never a mix of both
         previous = target.with_name(f".{target.name}.previous")
@@ -167,9 +169,9 @@ def model_card(config: dict, summary: dict | None, repo_id: str) -> str:
         rows += [(name, value) for name, value in figure_rows(summary) if value is not None]
     lines = [
         "---", data.to_yaml(), "---", "", f"# {title}", "",
-        "Semantic segmentation with a plain Vision Transformer and STEP's token reduction (SuperToken and "
-        "Early-Pruning: dCTS superpatches from a policy network, early exits that halt confident tokens), "
-        "trained with step-lightning. Every weight is in `model.safetensors`, the policy network's included; "
+        "Semantic segmentation with a plain Vision Transformer and attention-to-mask heads (SegViT), trained "
+        "with step-lightning, the implementation of STEP (SuperToken and Early-Pruning) and of the token "
+        "reductions it builds on. Every weight is in `model.safetensors`, the policy network's included; "
         "`config.json` rebuilds the model.", "",
         "| | |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], "",
     ]
@@ -191,8 +193,9 @@ def model_card(config: dict, summary: dict | None, repo_id: str) -> str:
                       f"`tau={config['inference']['tau']}` (lower thresholds merge more windows: fewer tokens)."]
     lines += [
         "", "## License", "",
-        f"Backbone weights: {weights}, license {license_id}. The training data's terms ({dataset_name}) apply as "
-        "well; the publisher of this model sets its license in the metadata above.", "",
+        f"Backbone initialised from {weights}" + ("" if license_id == "unknown" else f", released under {license_id}")
+        + f". Those weights' terms and the training data's ({dataset_name}) bound this model's; whoever publishes "
+        "it sets its `license` in the metadata above.", "",
         "## Citation", "", "```bibtex", CITATION, "```", "",
     ]
     return ModelCard("\n".join(lines)).content
@@ -202,12 +205,12 @@ def backbone_weights(summary: dict | None) -> tuple[str, str]:
     """(what the backbone was initialised from, the license of those weights) from the run's config."""
     tag = (((summary or {}).get("config") or {}).get("model") or {}).get("pretrained")
     if summary is None:
-        return "weights not recorded (no run summary)", "unknown"
+        return "weights not recorded here (no run summary)", "unknown"
     if tag in (None, "none"):
         return "nothing (trained from scratch)", "unknown"
     cfg = get_pretrained_cfg(str(tag))
     if cfg is None:
-        return f"`{tag}` (a local file)", "unknown"
+        return f"`{Path(str(tag)).name}` (a local file; its license is not recorded)", "unknown"
     return f"timm's `{tag}`", cfg.license or "unknown"
 
 
