@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 
 import step_lightning
@@ -20,6 +21,8 @@ from step_lightning.core import ConfigError
 from step_lightning.export import export
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.models.model_folder import CONFIG_FILE, WEIGHTS_FILE
+from step_lightning.predict import predict
+from tests.data_builders import write_image
 from tests.helpers import compose_config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -70,6 +73,11 @@ def test_checkpoint_folder_and_hub_repo_id_predict_identically(tiny_checkpoint, 
     from_hub = step_lightning.load("step-org/step-tiny", device="cpu")
     assert from_hub.class_names == step_lightning.load(checkpoint).class_names
     assert_same(predictions(from_hub), expected)
+    write_image(tmp_path / "photos" / "a.png", (50, 70))  # the command line takes the repo id too
+    predict(compose_config(["ckpt_path=step-org/step-tiny", f"input={tmp_path / 'photos'}", "device=cpu",
+                            f"output={tmp_path / 'out'}"], "predict"))
+    labels = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert np.array_equal(labels, step_lightning.load(checkpoint).predict(tmp_path / "photos" / "a.png").numpy())
 
 
 def test_the_folder_holds_every_weight_and_what_rebuilds_the_model(tiny_checkpoint, tmp_path):

@@ -71,7 +71,8 @@ def save_pretrained(
     module = load_module(source, trusted=trust_checkpoint)
     hparams = module.hparams
     dataset = dataset_metadata(module)
-    dataset.setdefault("eval_scale", list(protocol_scale(dataset.pop("short_side", hparams.model["img_size"]))))
+    if "eval_scale" not in dataset:  # checkpoints written before the scale was kept hold its short side
+        dataset["eval_scale"] = list(protocol_scale(dataset.pop("short_side")))
     config = folder_config(dict(hparams.model), dataset,
                            {"mode": hparams.eval_mode, "crop": hparams.eval_crop, "stride": hparams.eval_stride})
     card = model_card(config, figures, repo_id or target.name)
