@@ -12,6 +12,7 @@ Then train with data=cocostuff10k data.root=<output folder>.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.io import loadmat
 
 from step_lightning.core import ConfigError
 from step_lightning.data.labels import COCO10K_RAW_LABELS
@@ -61,6 +61,8 @@ def check_release(release: Path) -> dict[str, list[str]]:
 
 
 def read_mat_labels(path: Path) -> np.ndarray:
+    from scipy.io import loadmat  # the cocostuff extra: only this script needs scipy
+
     try:
         mat = loadmat(path)
     except (OSError, ValueError, TypeError) as err:
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args(argv)
     try:
+        if importlib.util.find_spec("scipy") is None:
+            raise ConfigError("reading the release's .mat files needs scipy: pip install 'step-lightning[cocostuff]'.")
         counts = convert(args.release, args.out, args.workers)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

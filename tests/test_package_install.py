@@ -4,7 +4,10 @@ folder, which is put first on the path of this environment (whose packages provi
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,3 +79,51 @@ def test_make_install_takes_the_configured_index_by_default_and_cpu_builds_on_re
     (cpu,) = install_commands("TORCH=cpu")
     assert cpu.endswith("pip install --quiet --extra-index-url https://download.pytorch.org/whl/cpu "
                         "torch==2.14.1+cpu torchvision==0.29.1+cpu")
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {normalised(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in requirements}
+
+
+def normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_modules(files) -> tuple[set[str], set[str]]:
+    """Top-level names of the modules ``files`` import: at import time (module level), and inside functions only."""
+    eager, lazy = set(), set()
+    for file in files:
+        tree = ast.parse(file.read_text())
+        in_functions = {id(node) for function in ast.walk(tree)
+                        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef) for node in ast.walk(function)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            (lazy if id(node) in in_functions else eager).update(n.split(".")[0] for n in names)
+    local = {"step_lightning", "__future__", "__main__", *sys.stdlib_module_names}
+    return eager - local, lazy - eager - local
+
+
+def test_what_the_package_and_scripts_import_is_declared():
+    """A module imported when the package is imported is a dependency; one imported inside a function (an optional
+    feature, or a script's) is a dependency or an extra's; nothing arrives undeclared through another package."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = requirement_names(project["dependencies"])
+    extras = requirement_names([r for name, reqs in project["optional-dependencies"].items() if name != "dev"
+                                for r in reqs if not r.startswith("step-lightning")])
+    distributions = importlib.metadata.packages_distributions()
+
+    def declared_in(modules: set[str], allowed: set[str]) -> dict[str, list[str]]:
+        return {m: distributions.get(m, ["(not installed)"]) for m in sorted(modules)
+                if not {normalised(d) for d in distributions.get(m, [])} & allowed}
+
+    eager, lazy = imported_modules((REPO / "step_lightning").rglob("*.py"))
+    script_eager, script_lazy = imported_modules((REPO / "scripts").glob("*.py"))
+    assert {"torch", "tqdm", "huggingface_hub", "safetensors"} <= eager
+    assert declared_in(eager, core) == {}
+    assert declared_in(lazy | script_eager | script_lazy, core | extras) == {}
+    assert "scipy" not in core and "scipy" in script_lazy  # only the COCO-Stuff converter reads .mat files

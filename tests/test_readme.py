@@ -47,7 +47,7 @@ RUN_DIR, SWEEP_DIR = "outputs/<date>/<time>", "multirun/<date>/<time>"
 OWN_DATASET = "/path/to/mydata"  # the "Your own dataset" examples: a folder dataset the tests write
 # "Use a trained model": the quickstart run, the user's photos and the outputs, in folders the tests make.
 QUICKSTART, PHOTOS = "outputs/quickstart", "photos"
-OUTPUTS = ("output=predictions", "output=model.onnx")
+OUTPUTS = ("output=predictions", "output=model.onnx", "output=my-model")
 CLUSTER = {"<partition>": "gpu", "<account>": "project"}
 
 

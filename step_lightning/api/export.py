@@ -57,7 +57,7 @@ def check_exportable(spec: dict, fmt: str, options: InferenceOptions) -> None:
     """One-line ConfigError saying why the model of ``spec`` (a ModelSpec dict) cannot go to ``fmt`` with
     ``options`` (its budgets)."""
     if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt} must be one of {', '.join(FORMATS)}.")
+        raise ConfigError(f"format={fmt} must be one of {', '.join(FORMATS)} or hub (a model folder).")
     token_budget = options.budget if options.budget is not None else spec.get("budget")
     halt_budget = options.halt_budget if options.halt_budget is not None else spec.get("halt_budget")
     if spec["prune_heads"] and (halt_budget is None or (spec["tokenizer"] == "dcts" and token_budget is None)):

@@ -1,18 +1,21 @@
 """A trained segmenter ready to segment images: ``step_lightning.load(path)``.
 
     model = step_lightning.load("outputs/<run>/checkpoints/last.ckpt")   # device="auto": CUDA when present
+    model = step_lightning.load("org/name")              # a model folder on the Hugging Face Hub (or a local one)
     labels = model.predict("photo.jpg")                  # int64 [H, W] class ids at the photo's resolution
     out = model.predict(images, return_scores=True)      # Prediction(labels, scores, ...)
 
-Everything comes from the checkpoint: the model, the class names and palette, the normalisation and the
-dataset's evaluation protocol, which ``predict`` follows like ``step_lightning.eval`` does: the image is
-resized so that its short side is the training crop (bilinear), segmented whole or by sliding windows
-(the mode, crop and stride it was evaluated with), and the class scores are resized back to the input's
-resolution (bilinear) before the arg-max.
+Everything comes from the checkpoint (or model folder): the model, the class names and palette, the
+normalisation and the dataset's evaluation protocol, which ``predict`` follows like ``step_lightning.eval``
+does: the image is resized so that its short side is the training crop (bilinear), segmented whole or by
+sliding windows (the mode, crop and stride it was evaluated with), and the class scores are resized back to
+the input's resolution (bilinear) before the arg-max.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from step_lightning.api.images import as_rgb, same_size_batches
 from step_lightning.config.checks import check_slide
 from step_lightning.core import ConfigError
+from step_lightning.core.hub import download_snapshot
 from step_lightning.core.resize import resize_labels
 from step_lightning.data.transforms import protocol_scale, rescale_size
 from step_lightning.lit.checkpoint import load_module
@@ -30,8 +34,10 @@ from step_lightning.lit.module import SegmentationModule
 from step_lightning.measure.render import token_maps
 from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.inference import infer
+from step_lightning.models.model_folder import FILES
 
 MODES = ("whole", "slide")
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 @dataclass
@@ -231,8 +237,28 @@ class Predictor:
 
 
 def load(path: str | Path, device: str | torch.device | None = "auto",
-         options: InferenceOptions | None = None, precision: str = "auto") -> Predictor:
-    """The ``Predictor`` of a ``step_lightning.train`` checkpoint, on ``device`` (``auto``: CUDA when
-    available), rebuilt from the checkpoint alone; ``options``: ``InferenceOptions``; ``precision``: ``auto`` (bf16
-    on a GPU), ``fp32``, ``bf16`` or ``fp16``."""
-    return Predictor(load_module(path), device, options, precision)
+         options: InferenceOptions | None = None, precision: str = "auto", *, trust_checkpoint: bool = False,
+         **inference) -> Predictor:
+    """The ``Predictor`` of a ``step_lightning.train`` checkpoint, a model folder or a Hugging Face Hub repo id
+    (``org/name``: its model folder, through the Hub's cache), on ``device`` (``auto``: CUDA when available),
+    rebuilt from it alone; ``options``: ``InferenceOptions``; ``precision``: ``auto`` (bf16 on a GPU), ``fp32``,
+    ``bf16`` or ``fp16``. ``inference``: other values of the options a trained model may change (``tau``, the
+    dCTS thresholds; config.json's ``inference``; ``budget`` / ``halt_budget``, the compute budgets of
+    ``InferenceOptions``). ``trust_checkpoint``: a checkpoint file may hold any pickled object: only for files
+    from a trusted source."""
+    budgets = {key: inference.pop(key) for key in ("budget", "halt_budget") if key in inference}
+    options = dataclasses.replace(options or InferenceOptions(), **budgets)
+    module = load_module(local_model(path), trusted=trust_checkpoint, inference=inference)
+    return Predictor(module, device, options, precision)
+
+
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def local_model(source: str | Path, option: str = "ckpt_path") -> Path:
+    """A local checkpoint file or model folder: ``source`` itself when it exists (or names a checkpoint file),
+    else the model folder of the Hub repo id ``source`` in the Hugging Face cache, downloaded when needed."""
+    path = Path(str(source)).expanduser()
+    if path.exists() or not REPO_ID.fullmatch(str(source)) or path.suffix in CHECKPOINT_SUFFIXES:
+        return path  # read_checkpoint names a missing file
+    return download_snapshot(str(source), FILES, option)

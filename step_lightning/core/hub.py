@@ -1,5 +1,6 @@
-"""Pretrained weights by timm tag, through timm's own machinery, with one-line errors (used by the ViT
-encoder and the dCTS policy network), checked before a run starts.
+"""The Hugging Face Hub: pretrained weights by timm tag, through timm's own machinery, with one-line errors (used
+by the ViT encoder and the dCTS policy network), checked before a run starts; trained models' folders
+downloaded into and read from the Hub's cache (``download_snapshot``) and uploaded (``push_folder``).
 
 The Hub is contacted once, with a short timeout, before weights are fetched: when it cannot be reached,
 huggingface_hub is put in offline mode for this process and the processes it starts, so that cached weights
@@ -10,14 +11,23 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
+from huggingface_hub import HfApi, get_session, snapshot_download, try_to_load_from_cache
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import get_session, try_to_load_from_cache
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
@@ -115,3 +125,49 @@ def timm_pretrained(
             f"{file_option}={file} does not hold {tag} weights in timm's layout ({type(err).__name__}); give that "
             f"tag's file, or give the file alone as {option} (other architectures and mmseg files are read there)."
         ) from err
+
+
+def download_snapshot(repo_id: str, files: Sequence[str], option: str) -> Path:
+    """The local folder of ``files`` of the Hub model repository ``repo_id``: huggingface_hub's snapshot in its
+    cache (HF_HUB_CACHE), downloaded when missing or outdated; offline (HF_HUB_OFFLINE=1, or no answer from the
+    Hub) the cached snapshot. One snapshot, not a download per file: the files come from one commit.
+    ``option``: the setting named in error messages."""
+    hub_reachable()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(files), library_name="step-lightning"))
+    except (RepositoryNotFoundError, GatedRepoError) as err:  # the Hub answers 401 for a private repository too
+        raise ConfigError(
+            f"{option}={repo_id}: no such model on the Hugging Face Hub, or a private or gated one this login "
+            "cannot read (hf auth login, or HF_TOKEN); nor is it a local file or folder."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise ConfigError(f"{option}={repo_id}: the Hub repository has no main branch; push a model first.") from err
+    except LocalEntryNotFoundError as err:
+        raise ConfigError(
+            f"{option}={repo_id} is not a local file or folder, nor in the Hugging Face cache, and the Hub cannot "
+            "be reached (offline?); download it once with network, or give the model folder's path."
+        ) from err
+    except HFValidationError as err:
+        raise ConfigError(f"{option}={repo_id} is neither a local file or folder nor a Hub repo id.") from err
+
+
+def push_folder(folder: Path, repo_id: str, private: bool, message: str) -> str:
+    """Upload ``folder`` to the Hub model repository ``repo_id`` (created when missing) in one commit with
+    huggingface_hub's HfApi; returns the commit's URL. Needs a login (``hf auth login`` or HF_TOKEN)."""
+    if hub_constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"push_to={repo_id}: HF_HUB_OFFLINE=1 forbids uploads; unset it to push.")
+    api = HfApi()
+    try:
+        repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type="model",
+                                   commit_message=message)
+    except LocalTokenNotFoundError as err:
+        raise ConfigError(f"push_to={repo_id}: not logged in to the Hugging Face Hub; run `hf auth login` or set "
+                          "HF_TOKEN.") from err
+    except HFValidationError as err:
+        raise ConfigError(f"push_to={repo_id} is not a Hub repo id; use org/name.") from err
+    except HfHubHTTPError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"push_to={repo_id}: the Hub refused the upload ({first[:200]}); the model folder "
+                          f"{folder} is written: push it again later.") from err
+    return commit.commit_url

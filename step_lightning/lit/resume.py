@@ -68,6 +68,9 @@ def plan_resume(cfg: DictConfig, run_dir: Path, trains_policy: bool) -> Resume |
     """
     if cfg.get("ckpt_path"):
         path = Path(str(cfg.ckpt_path)).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is a folder, not a training checkpoint: a model folder holds "
+                              f"no training state to resume; start from its weights with init_from={cfg.ckpt_path}.")
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a run's checkpoints/{LAST}.")
         state = read_checkpoint(path, "ckpt_path", mmap=True)

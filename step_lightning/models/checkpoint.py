@@ -1,16 +1,25 @@
 """The one way weights come out of a checkpoint file: read, pick the model's tensors, load.
 
-``read_checkpoint`` turns unreadable files into one-line errors; ``load_weights`` loads a segmenter's
+``read_checkpoint`` reads a checkpoint file or a model folder safely (below) and turns unreadable ones into
+one-line errors; ``load_weights`` loads a segmenter's
 tensors strictly (the default: every tensor must match) or, with ``strict=False``, copies only the tensors
 whose name and shape match (starting a new model from another run, e.g. DToP's phase 2 with new exit
 heads), at least ``min_fraction`` of the model's (``matching_tensors``, also run on a model on the meta device
 before a training starts); ``load_policy`` rebuilds the frozen dCTS policy network of a policy-training
 checkpoint.
+
+Checkpoints are files from elsewhere: unpickling runs whatever code the pickle names. Files are read with
+``torch.load(weights_only=True)``, which admits tensors and plain values (dicts, lists, numbers, strings) and
+nothing else; this project's own checkpoints hold nothing else (``tests/test_models_checkpoint.py``). A file
+with other objects is refused unless the caller trusts it (``trusted``, or the environment variable
+``STEP_LIGHTNING_TRUST_CHECKPOINTS=1`` for the commands). Model folders are JSON and safetensors: no code.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,29 +28,55 @@ import torch
 from torch import nn
 
 from step_lightning.core import ConfigError
+from step_lightning.models.model_folder import hyper_parameters, read_model_folder
 from step_lightning.tokens.policy import PolicyNet
 
 MODEL_PREFIX = "model."  # SegmentationModule keeps the segmenter under .model
 POLICY_PREFIX = "policy."  # PolicyModule keeps the network under .policy
+TRUST_VARIABLE = "STEP_LIGHTNING_TRUST_CHECKPOINTS"
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False) -> dict:
-    """The checkpoint dict of ``path``; ``key`` names the option that gave it, for the error message.
-    ``mmap``: map the tensors instead of reading them (cheap when only the hyper-parameters are needed)."""
+def read_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False, trusted: bool = False) -> dict:
+    """The checkpoint dict of ``path``: a checkpoint file, or a model folder as a Lightning checkpoint's
+    ``hyper_parameters`` and ``state_dict``; ``key`` names the option that gave it, for the error message.
+    ``mmap``: map the tensors instead of reading them (cheap when only the hyper-parameters are needed).
+    ``trusted``: unpickle whatever the file holds (only for files from a trusted source)."""
     file = Path(str(path)).expanduser()
+    if file.is_dir():
+        config, state = read_model_folder(file, key)
+        return {"hyper_parameters": hyper_parameters(config),
+                "state_dict": {MODEL_PREFIX + k: v for k, v in state.items()}}
     if not file.is_file():
         raise ConfigError(f"{key}={path} does not exist; give a checkpoint of a previous run (e.g. last.ckpt).")
+    trusted = trusted or os.environ.get(TRUST_VARIABLE) == "1"
     try:
-        # Our own runs' Lightning checkpoints hold hyper-parameters beyond plain tensors.
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise ConfigError(
-            f"{key}={path} is not a readable checkpoint ({type(err).__name__}); the file is truncated or corrupt: "
-            "use another checkpoint of the run (e.g. checkpoints/last.ckpt)."
-        ) from None
+        checkpoint = torch.load(file, map_location="cpu", weights_only=not trusted, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))  # anything else: a damaged file
+        raise (untrusted_objects(f"{key}={path}", found.group(1)) if found else unreadable(f"{key}={path}", err)) \
+            from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise unreadable(f"{key}={path}", err) from None
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{key}={path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary.")
     return checkpoint
+
+
+def unreadable(where: str, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"{where} is not a readable checkpoint ({type(err).__name__}); the file is truncated or corrupt: "
+        "use another checkpoint of the run (e.g. checkpoints/last.ckpt)."
+    )
+
+
+def untrusted_objects(where: str, name: str) -> ConfigError:
+    """The refusal of a file holding pickled objects, naming the first one torch would not unpickle."""
+    return ConfigError(
+        f"{where} holds pickled Python objects besides tensors and plain values (e.g. {name}); unpickling them runs "
+        "whatever code the file's author chose, so it was not loaded. If you trust its source: rerun with "
+        f"{TRUST_VARIABLE}=1 (Python: trust_checkpoint=True), or convert a segmenter checkpoint once into a model "
+        "folder, which loads safely (step-export format=hub)."
+    )
 
 
 def model_state(checkpoint: dict, prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
