@@ -208,12 +208,20 @@ def self_attention(qkv: Tensor, packing: Packing, scale: float) -> Tensor:
         # one copy to [3, rows, H, D]: q, k, v each packed token-major ([rows, H, D] contiguous), the layout
         # every varlen backend (flash, cuDNN ragged offsets) reads without stride assumptions
         q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)
+        if not packing.uniform and qkv.requires_grad:
+            q, k, v = (without_dummy_gradients(t, packing) for t in (q, k, v))
         out = _varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len, scale)
         # flash leaves rows past cu_seqlens[-1] unwritten: zero them so dummies stay finite
         return out if packing.uniform else torch.where(packing.real[:, None, None], out, 0)
     q, k, v = packing.to_dense(qkv).permute(2, 0, 3, 1, 4).unbind(0)  # one gather for the three
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.attn_mask(q.dtype), scale=scale)
     return packing.from_dense(out.transpose(1, 2))
+
+
+def without_dummy_gradients(values: Tensor, packing: Packing) -> Tensor:
+    """``values`` with the gradients of dummy rows cut: flash's varlen backward leaves the gradient rows past
+    ``cu_seqlens[-1]`` unwritten (whatever the memory held: NaN poisons the weights' gradients)."""
+    return torch.where(packing.real[:, None, None], values, 0)
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, scale: float,
@@ -224,6 +232,8 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, scale: fl
     b, num_queries = q.shape[:2]
     if use_flash_varlen(q, packing) and dropout == 0.0:
         cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * num_queries
+        if not packing.uniform and k.requires_grad:
+            k, v = without_dummy_gradients(k, packing), without_dummy_gradients(v, packing)
         out = _varlen_attn(q.reshape(b * num_queries, *q.shape[2:]), k, v, cu_q, packing.cu_seqlens, num_queries,
                            packing.max_len, scale)
         return out.view(q.shape)
