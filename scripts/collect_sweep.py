@@ -1,6 +1,11 @@
-"""Gather the summary.json of every job under a Hydra multirun folder into one table and plot.
+"""Gather the summary.json (training) or eval.json (evaluation) of every job under a Hydra multirun folder into
+one table and plot.
 
     python scripts/collect_sweep.py multirun/2025-01-01/12-00-00 [--out DIR]
+
+An evaluation sweep over compute budgets of one trained model gives its accuracy-cost curve:
+    python -m step_lightning.eval -m ckpt_path=<run>/checkpoints/last.ckpt budget=null,0.6,0.4,0.3 halt_budget=null,0.3
+jobs without a budget (the paper's thresholds) are marked apart on the plot.
 
 Rows are sorted by GFLOPs. Each job is labelled by the settings that differ between jobs (e.g. tau for
 experiment=sweep_tau, prune_heads for experiment=sweep_heads). Writes sweep.md, sweep.csv and
@@ -14,13 +19,13 @@ import csv
 import json
 from pathlib import Path
 
-SETTINGS = ("method", "tau", "prune_heads", "prune_threshold", "crop_size", "tokenizer")
+SETTINGS = ("method", "tau", "prune_heads", "prune_threshold", "crop_size", "tokenizer", "budget", "halt_budget")
 COLUMNS = ("job", "label", "mIoU", "gflops", "tokens_per_image", "halted_fraction")
 
 
 def load_jobs(root: Path) -> list[dict]:
     jobs = []
-    for path in sorted(root.rglob("summary.json")):
+    for path in sorted([*root.rglob("summary.json"), *root.rglob("eval.json")]):
         summary = json.loads(path.read_text())
         if "mIoU" not in summary:  # task=policy runs hold no segmentation results
             continue
@@ -71,6 +76,13 @@ def write_outputs(jobs: list[dict], out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     points = [j for j in jobs if j["gflops"] is not None]
     ax.plot([j["gflops"] for j in points], [j["mIoU"] for j in points], "o-", alpha=0.8)
+    budgets = ("budget", "halt_budget")
+    swept = any(job["settings"].get(k) is not None for job in points for k in budgets)
+    thresholds = [job for job in points if swept and all(job["settings"].get(k) is None for k in budgets)]
+    if thresholds:  # a budget sweep: the paper's thresholds as their own point
+        ax.scatter([j["gflops"] for j in thresholds], [j["mIoU"] for j in thresholds], marker="*", s=180,
+                   color="tab:red", zorder=3, label="thresholds (paper)")
+        ax.legend(fontsize=8)
     for job in points:
         ax.annotate(job["label"], (job["gflops"], job["mIoU"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set(xlabel="GFLOPs", ylabel="mIoU", title=out.name)
@@ -88,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     jobs = load_jobs(args.multirun)
     if not jobs:
-        raise SystemExit(f"no summary.json with an mIoU under {args.multirun}; did the jobs finish?")
+        raise SystemExit(f"no summary.json or eval.json with an mIoU under {args.multirun}; did the jobs finish?")
     jobs.sort(key=lambda j: (j["gflops"] is None, j["gflops"] or 0.0))
     label_jobs(jobs)
     out = args.out or args.multirun

@@ -326,7 +326,7 @@ def test_graph_runner_captures_once_per_bucket_and_keeps_outputs(method, monkeyp
 # ---------------------------------------------------------------- training on packed tokens
 
 
-TRAINED = ["segvit", "cts", "dcts", "dtop", "step", "step_net", "cts_net"]
+TRAINED = ["segvit", "cts", "dcts", "dtop", "step", "step_net", "cts_net", "dcts_budget", "step_budget"]
 
 
 @pytest.mark.parametrize("method", TRAINED)
