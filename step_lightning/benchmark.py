@@ -7,13 +7,16 @@ Method entries: see ``step_lightning.measure.presets`` (``segvit``, ``dcts@4999`
 Model inputs: each image of the split is resized so its short side is ``resolution``, its label resized to it
 with nearest neighbour, then cut into ``resolution`` x ``resolution`` crops (``crop=center|tiles``).
 
-Measured per method: GFLOPs (fvcore, batch 1, averaged over the crops, policy included, padded reference
-engine), throughput (``repeats`` timed passes over all crops in batches of ``batch_size`` after ``warmup``
-passes, methods and engines interleaved so drift hits all alike; median images/s; CUDA synchronised) for
-each of ``engines``: ``padded`` (the per-image padded reference), ``packed`` (the packed engine, eager) and
-``fast`` (packed + CUDA graphs per bucket and the fused policy; on CPU eager packed + fused policy), extra
-memory of one forward, tokens after the tokenizer and after each exit, halted fraction, mIoU on the crops for
-methods given a checkpoint, and (``components``) the packed engine's time and dispatched ops per component
+Measured per method: GFLOPs (fvcore, batch 1, policy included: each crop's from its token counts,
+``ForwardCost``, exact; a static forward's padding counted as computed) and the training GFLOPs (forward +
+backward), throughput (``repeats`` timed passes over all crops in batches of ``batch_size`` after ``warmup``
+passes, methods and engines alternating round by round so drift hits all alike; median images/s with the
+spread; CUDA synchronised) for each of ``engines``: ``padded`` (the padded store), ``packed`` (the packed store,
+eager) and ``fast`` (packed + CUDA graphs per bucket and the fused policy; on CPU eager packed + fused policy),
+or with ``mode=train`` of training steps (forward, ATM loss, backward), extra memory of one forward (or step),
+tokens after the tokenizer and after each exit, halted fraction, mIoU on the crops for methods given a
+checkpoint, (``profile``, CUDA) kernels and GPU idle share under torch.profiler, and (``components``) the
+packed store's time and dispatched ops per component
 (policy, layout, embed, blocks, heads, exits, read, output; ``step_lightning.measure.components``), of which
 the fixed part (policy, layout, embed, exits, reads) does not shrink with the tokens.
 Writes benchmark.json/.md/.csv and plots; the last line printed is ``benchmark: <json path>``.

@@ -4,15 +4,13 @@ and the early-exit halting/selection steps.
     python -m step_lightning.profile_layers method=step_single backbone=vit_b resolution=1024 force_halt=0.4 \
         data=cityscapes data.root=../shared/realdata/cityscapes data.split=train num_images=1
 
-Time: forward pre/post hooks on the tokenizer, each block and each head, and wrappers around
-``EarlyExitSegmenter.halt`` (halting rule) and ``._compact`` (token selection/gather), all synchronised on
-CUDA (the syncs serialise the GPU, so per-layer times add up to more than an unprofiled forward).
-``other`` = whole forward minus the timed parts (unsharing to the grid, canvas scatter, Python overhead).
+Time: the forward's own component marks (``step_lightning.models.engine.probing``): the tokenizer, each block,
+each head, the halting rule, the token selection and the host reads, synchronised on CUDA at every mark (the
+syncs serialise the GPU, so per-layer times add up to more than an unprofiled forward). ``other`` = the rest
+(unsharing to the grid, Python overhead).
 Mean over ``repeats`` forwards per crop at batch 1, then over crops (the parts add up to the forward). GFLOPs: fvcore's
 per-module counts of the same forward (``step_lightning.measure.gflops``, the policy included).
-Runs the padded reference engine (``engine=padded``): its hooks need the per-module calls that the packed
-engine replaces by packed rows; the packed engine's own components are timed by the benchmark
-(``step_lightning.measure.components``).
+Runs the packed store, as every command does (``engine=padded`` selects the padded one).
 Writes profile.json, profile.md and profile.png in the run directory; last line ``profile: <json>``.
 """
 

@@ -24,7 +24,7 @@ from step_lightning.core import ConfigError
 from step_lightning.models.base import SegmenterBase
 from step_lightning.models.engine import InferenceOptions
 
-# Timed engines of the benchmark: the padded reference, the packed engine, packed + fast (graphs/compile, fused
+# Timed engines of the benchmark: the padded store, the packed store, packed + fast (graphs/compile, fused
 # policy; see step_lightning.models.engine).
 ENGINES = ("padded", "packed", "fast")
 
