@@ -185,7 +185,7 @@ def evaluate(eval_cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         default_root_dir=str(output_dir),
     )
     trainer.validate(module, dataloaders=loader, verbose=False)
-    image, label = sample_batch(datamodule, count=1)
+    image, label = sample_batch(datamodule, count=1, dataset=loader.dataset)
     options = module.inference
     result = {
         **validation_summary(module.last_val, datamodule.class_names),

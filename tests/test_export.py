@@ -105,7 +105,7 @@ def test_command_line_refusal_is_one_line(tiny_checkpoint, tmp_path):
     result = run_module("step_lightning.export", [f"ckpt_path={tiny_checkpoint('step')}"], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: a model with exit heads (prune_heads=[1]) cannot be exported")
+    assert line.startswith("error: a model with exit heads (prune_heads=[1]) exports with compute budgets only")
 
 
 def test_the_exported_graph_is_predict_even_where_the_upsampling_order_matters(tiny_checkpoint, tmp_path):

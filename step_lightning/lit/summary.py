@@ -71,12 +71,13 @@ def headline(summary: dict) -> str:
     return line
 
 
-def sample_batch(datamodule, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """A few validation images (and labels, for an oracle policy) cropped to the model's input size, for the
-    per-image GFLOPs count (token counts, hence FLOPs, vary per image)."""
+def sample_batch(datamodule, count: int = 4, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few validation images (or of ``dataset``; with labels, for an oracle policy) cropped to the model's input
+    size, for the per-image GFLOPs count (token counts, hence FLOPs, vary per image)."""
+    dataset = datamodule.val_set if dataset is None else dataset
     images, labels = [], []
-    for i in range(min(count, len(datamodule.val_set))):
-        sample = datamodule.val_set[i]
+    for i in range(min(count, len(dataset))):
+        sample = dataset[i]
         images.append(sample["image"])
         labels.append(resize_labels(sample["label"], sample["image"].shape[1:]))
     crop = min(datamodule.crop_size, *(img.shape[1] for img in images), *(img.shape[2] for img in images))
