@@ -16,7 +16,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -64,7 +63,7 @@ def component_times(model: nn.Module, images, labels, device: torch.device, repe
                     options: InferenceOptions | None = None) -> dict[str, float]:
     """Median milliseconds per component of one eager forward of the packed store on (images, labels), after
     one warm-up forward."""
-    options = replace(options or InferenceOptions(), engine="packed", fast=False)
+    options = (options or InferenceOptions()).eager()
     runs = []
     for run in range(repeats + 1):
         with SectionTimer(device) as timer:
@@ -80,7 +79,7 @@ def component_ops(model: nn.Module, images, labels, options: InferenceOptions | 
                   engine: str = "packed") -> tuple[dict[str, int], int]:
     """Dispatched (non-view) ops per component of one eager forward on ``engine`` and its number of host reads."""
     with DispatchCounter() as counter:
-        model(images, labels, replace(options or InferenceOptions(), engine=engine, fast=False))
+        model(images, labels, (options or InferenceOptions()).eager(engine))
     return dict(counter.ops), len(counter.host_reads)
 
 

@@ -10,7 +10,6 @@ Content-dependent methods (supertokens, early exit) are counted per image, on th
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -74,7 +73,7 @@ def count_gflops(
     was_training = module.training
     module.eval()
     if isinstance(module, SegmenterBase):
-        options = replace(options or InferenceOptions(), engine="packed", fast=False)
+        options = (options or InferenceOptions()).eager()
     try:
         inputs = tuple(x for x in inputs if x is not None)
         analysis = FlopCountAnalysis(_TensorOutputs(module, options), inputs).set_op_handle(**EXTRA_HANDLES)
@@ -120,7 +119,7 @@ class ForwardCost:
 
     def __init__(self, model: SegmenterBase, image: torch.Tensor, label: torch.Tensor | None = None,
                  options: InferenceOptions | None = None):
-        options = replace(options or InferenceOptions(), engine="packed", fast=False)
+        options = (options or InferenceOptions()).eager()
         stages = len(model.exit_layers) + 1  # a cascaded head: all its stages counted as one
         self.quadratics = []
         with torch.no_grad():

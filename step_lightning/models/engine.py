@@ -92,6 +92,10 @@ class InferenceOptions:
                    str(cfg.get("fast_backend", "cudagraphs")), number("force_halt"), number("budget"),
                    number("halt_budget"))
 
+    def eager(self, engine: str = "packed") -> InferenceOptions:
+        """These options on ``engine``, eagerly (measurements count and time what each op does, unrounded)."""
+        return replace(self, engine=engine, fast=False)
+
     def rule(self, model: nn.Module) -> HaltingRule:
         if self.force_halt is not None:
             return ForcedHalting(self.force_halt)
@@ -368,13 +372,14 @@ def embed(model, policy, images, labels, pre, budget, masked: bool) -> Tokens:
         mark("policy")
         size_map = model.tokenizer.size_map(images, labels, policy, budget)
         count = model.tokenizer.static_count(grid, budget)
-        packing = Packing.regular(b, count, images.device)
         if size_map is None:  # plain patches
             mark("embed")
             x = encoder.embed(images)
-            return Tokens(x.reshape(-1, x.shape[-1]), packing, None, None)
+            return Tokens(x.reshape(-1, x.shape[-1]), Packing.regular(b, count, images.device), None, None)
         is_start, counts, offset = token_starts(size_map)
-        if not model.tokenizer.exact_count:  # at most ``count`` tokens per image: static sizes, real counts
+        if model.tokenizer.exact_count:  # every image exactly ``count`` tokens
+            packing = Packing.regular(b, count, images.device)
+        else:  # at most ``count`` tokens per image: static sizes, real counts
             packing = Packing.padded(counts, count) if masked else Packing.from_counts(counts, b * count, count)
     else:
         size_map, is_start, counts, offset, packing = pre
