@@ -172,3 +172,46 @@ def test_mask_logits_upsampled_to_label_resolution(scale):
         p, t = mask_logits[0, c].sigmoid(), (labels[0] == c).float()
         dice += 1 - (2 * scale**2 * (p * t).sum() + 1) / (scale**2 * (p.sum() + t.sum()) + 1)
     torch.testing.assert_close(big["loss_dice"], dice / len(present))
+
+
+def autograd_mask_losses(mask_logits, labels, pairs, alpha, gamma, ignore=255):
+    """The mask losses written with autograd: F.interpolate to the labels, torchvision's focal loss, dice."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    img, cls = pairs.unbind(1)
+    pred = F.interpolate(mask_logits[img, cls][:, None], size=labels.shape[-2:], mode="bilinear",
+                         align_corners=False)[:, 0]
+    valid = (labels[img] != ignore).float()
+    target = (labels[img] == cls[:, None, None]).float()
+    focal = sigmoid_focal_loss(pred, target, alpha=alpha, gamma=gamma, reduction="none")
+    focal = ((focal * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).sum()
+    prob = pred.sigmoid() * valid
+    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    return focal, dice.sum()
+
+
+@pytest.mark.parametrize(("alpha", "gamma", "grid", "size"), [(0.25, 2.0, (5, 7), (37, 53)), (0.25, 2.0, (4, 4), (64, 64)),
+                                                             (-1.0, 0.0, (6, 3), (11, 20)), (0.6, 1.5, (8, 8), (8, 8))])
+def test_mask_losses_and_gradients_equal_the_autograd_formulation(alpha, gamma, grid, size):
+    """The closed-form backward and the matrix upsampling give the values and gradients of F.interpolate +
+    torchvision's sigmoid_focal_loss + dice, per output, at upsampling factors integer or not (and 1)."""
+    torch.manual_seed(7)
+    labels = torch.randint(0, K, (3, *size))
+    labels[torch.rand(3, *size) < 0.2] = 255
+    labels[2] = 255  # an image without any pair
+    outputs = [out(torch.randn(3, K, K + 1), 3 * torch.randn(3, K, *grid, dtype=torch.float64).float().requires_grad_())
+               for _ in range(3)]
+    loss = ATMLoss(K, class_weight=0.0, focal_weight=1.0, dice_weight=1.0, focal_alpha=alpha, focal_gamma=gamma)
+    got = loss(outputs, labels)
+    pairs = present_classes(labels, K).nonzero()
+    weights = torch.randn(2)
+    grads = torch.autograd.grad(weights[0] * got["loss_focal"] + weights[1] * got["loss_dice"],
+                                [o["mask_logits"] for o in outputs])
+    for o, grad in zip(outputs, grads, strict=True):
+        logits = o["mask_logits"].detach().double().requires_grad_()
+        focal, dice = autograd_mask_losses(logits, labels, pairs, alpha, gamma)
+        (expected,) = torch.autograd.grad(weights[0] * focal / len(pairs) + weights[1] * dice / len(pairs), logits)
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
+    expected = [autograd_mask_losses(o["mask_logits"].detach().double(), labels, pairs, alpha, gamma) for o in outputs]
+    torch.testing.assert_close(got["loss_focal"].double(), sum(f for f, _ in expected) / len(pairs), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["loss_dice"].double(), sum(d for _, d in expected) / len(pairs), rtol=1e-5, atol=0)

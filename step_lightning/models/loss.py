@@ -1,4 +1,10 @@
-"""SegViT's ATM loss with the fixed query-to-class assignment (query c is class c, no matching)."""
+"""SegViT's ATM loss with the fixed query-to-class assignment (query c is class c, no matching).
+
+The mask losses are taken on logits upsampled to the label resolution (SegViT's recipe): at 1024 x 1024 that is
+a million pixels per (image, present class) pair and output, the largest cost of a training step that does not
+shrink with the tokens. ``UpsampledMaskTerms`` computes them without keeping any full-resolution tensor for the
+backward and upsamples with two matrix products instead of ``F.interpolate``, whose CUDA backward scatters
+with atomics (slow at a 16x factor, and nondeterministic)."""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 
 
 def present_classes(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
@@ -26,6 +31,79 @@ def global_mean_count(count: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return count.clamp(min=1)
+
+
+def bilinear_matrix(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
+    """[out_size, in_size] fp32: ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis."""
+    src = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5)
+    src = src.clamp(min=0)
+    low = src.floor().long()
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = src - low
+    rows = torch.arange(out_size, device=device)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix.float()
+
+
+def _upsample(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return rows @ logits @ cols.T  # [P, h, w] -> [P, H, W]
+
+
+class UpsampledMaskTerms(torch.autograd.Function):
+    """Per output and pair: the focal loss summed over valid pixels, and dice's sum(p * t) and sum(p), of mask
+    logits [O, P, h, w] upsampled bilinearly to the labels' [H, W] (``target`` / ``valid`` [P, H, W] bool).
+
+    Hand-written because autograd would keep about ten [P, H, W] fp32 tensors per output (focal, sigmoid, dice
+    terms, the upsampled logits) and run an unfused kernel for each: the backward recomputes the upsampled
+    logits from the small ones and applies the closed-form gradient (focal with z = x for negatives, -x for
+    positives: alpha_t * softplus(z) * sigmoid(z)^gamma, as torchvision's ``sigmoid_focal_loss``). Outputs run
+    one after another, so the transient memory is that of one output."""
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, alpha: float, gamma: float):
+        rows = bilinear_matrix(target.shape[1], logits.shape[2], logits.device)
+        cols = bilinear_matrix(target.shape[2], logits.shape[3], logits.device)
+        weight = _focal_weight(target, valid, alpha)
+        focal, intersection, prob_sum = [], [], []
+        for pair_logits in logits:
+            x = _upsample(pair_logits, rows, cols)
+            z = torch.where(target, -x, x)
+            focal.append(F.softplus(z).mul_(torch.sigmoid(z).pow_(gamma)).mul_(weight).sum((1, 2)))
+            prob = x.sigmoid_().mul_(valid)
+            prob_sum.append(prob.sum((1, 2)))
+            intersection.append(prob.mul_(target).sum((1, 2)))
+        ctx.save_for_backward(logits, target, valid, rows, cols)
+        ctx.alpha, ctx.gamma = alpha, gamma
+        return torch.stack(focal), torch.stack(intersection), torch.stack(prob_sum)
+
+    @staticmethod
+    def backward(ctx, grad_focal, grad_intersection, grad_prob_sum):
+        logits, target, valid, rows, cols = ctx.saved_tensors
+        gamma = ctx.gamma
+        weight = _focal_weight(target, valid, ctx.alpha)
+        grads = []
+        for o, pair_logits in enumerate(logits):
+            x = _upsample(pair_logits, rows, cols)
+            z = torch.where(target, -x, x)
+            del x
+            sig_z = torch.sigmoid(z)
+            # d/dz [softplus(z) sigmoid(z)^gamma] = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) (1 - sigmoid(z)))
+            focal_dz = F.softplus(z).mul_(gamma).mul_(1 - sig_z).add_(sig_z).mul_(sig_z.pow(gamma)).mul_(weight)
+            focal_dz.mul_(grad_focal[o][:, None, None])
+            # p = sigmoid(x) on valid pixels: dp/dx = p (1 - p) = sigmoid(z) (1 - sigmoid(z))
+            per_pixel = grad_prob_sum[o][:, None, None] + grad_intersection[o][:, None, None] * target
+            dice_dx = (1 - sig_z).mul_(sig_z).mul_(per_pixel).mul_(valid)
+            grads.append(rows.T @ torch.where(target, -focal_dz, focal_dz).add_(dice_dx) @ cols)
+        return torch.stack(grads), None, None, None, None
+
+
+def _focal_weight(target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha for positives, 1 - alpha for negatives (1 when alpha < 0, as torchvision), 0 on ignored pixels."""
+    if alpha < 0:
+        return valid.float()
+    return torch.where(valid, torch.where(target, alpha, 1 - alpha), 0.0)
 
 
 class ATMLoss(nn.Module):
@@ -70,19 +148,21 @@ class ATMLoss(nn.Module):
         return F.cross_entropy(class_logits.flatten(0, 1), target.flatten(), weight=weight)
 
     def mask_losses(
-        self, mask_logits: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, num_masks: torch.Tensor
+        self, mask_logits: list[torch.Tensor], labels: torch.Tensor, pairs: torch.Tensor, num_masks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Focal and dice terms [O] of each output's mask logits [B, K, h, w], over the (image, class) ``pairs``."""
         img, cls = pairs.unbind(1)
-        pred = F.interpolate(mask_logits[img, cls][:, None], size=labels.shape[-2:], mode="bilinear",
-                             align_corners=False)[:, 0]
-        pair_labels = labels[img]
-        valid = (pair_labels != self.ignore_index).float()
-        target = (pair_labels == cls[:, None, None]).float()
-        focal = sigmoid_focal_loss(pred, target, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
-        focal = ((focal * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).sum() / num_masks
-        prob = pred.sigmoid() * valid
-        dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
-        return focal, dice.sum() / num_masks
+        small = labels.to(torch.int16 if max(self.num_classes, self.ignore_index) < 2**15 else torch.int32)
+        pair_labels = small.index_select(0, img)
+        target = pair_labels == cls[:, None, None].to(small.dtype)
+        valid = pair_labels != self.ignore_index
+        logits = torch.stack([m[img, cls] for m in mask_logits])  # [O, P, h, w]
+        focal_sum, intersection, prob_sum = UpsampledMaskTerms.apply(logits, target, valid, self.focal_alpha,
+                                                                     self.focal_gamma)
+        pixels = valid.flatten(1).sum(1).clamp(min=1)
+        focal = (focal_sum / pixels).sum(1) / num_masks
+        dice = 1 - (2 * intersection + 1) / (prob_sum + target.flatten(1).sum(1) + 1)
+        return focal, dice.sum(1) / num_masks
 
     def forward(self, outputs: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         # fp32 under mixed precision: focal and dice on upsampled bf16 logits lose the small terms.
@@ -94,11 +174,9 @@ class ATMLoss(nn.Module):
         present = present_classes(labels, self.num_classes, self.ignore_index)
         pairs = present.nonzero()  # the loss is off the inference path, so this sync is acceptable
         num_masks = global_mean_count(present.sum().float())
-        totals = {"loss_ce": 0.0, "loss_focal": 0.0, "loss_dice": 0.0}
-        for out in outputs:
-            focal, dice = self.mask_losses(out["mask_logits"], labels, pairs, num_masks)
-            totals["loss_ce"] = totals["loss_ce"] + self.class_weight * self.class_loss(out["class_logits"], present)
-            totals["loss_focal"] = totals["loss_focal"] + self.focal_weight * focal
-            totals["loss_dice"] = totals["loss_dice"] + self.dice_weight * dice
+        focal, dice = self.mask_losses([out["mask_logits"] for out in outputs], labels, pairs, num_masks)
+        ce = torch.stack([self.class_loss(out["class_logits"], present) for out in outputs])
+        totals = {"loss_ce": self.class_weight * ce.sum(), "loss_focal": self.focal_weight * focal.sum(),
+                  "loss_dice": self.dice_weight * dice.sum()}
         totals["loss"] = totals["loss_ce"] + totals["loss_focal"] + totals["loss_dice"]
         return totals
