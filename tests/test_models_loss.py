@@ -190,8 +190,10 @@ def autograd_mask_losses(mask_logits, labels, pairs, alpha, gamma, ignore=255):
     return focal, dice.sum()
 
 
-@pytest.mark.parametrize(("alpha", "gamma", "grid", "size"), [(0.25, 2.0, (5, 7), (37, 53)), (0.25, 2.0, (4, 4), (64, 64)),
-                                                             (-1.0, 0.0, (6, 3), (11, 20)), (0.6, 1.5, (8, 8), (8, 8))])
+@pytest.mark.parametrize(("alpha", "gamma", "grid", "size"), [
+    (0.25, 2.0, (5, 7), (37, 53)), (0.25, 2.0, (4, 4), (64, 64)), (-1.0, 0.0, (6, 3), (11, 20)),
+    (0.6, 1.5, (8, 8), (8, 8)),
+])
 def test_mask_losses_and_gradients_equal_the_autograd_formulation(alpha, gamma, grid, size):
     """The closed-form backward and the matrix upsampling give the values and gradients of F.interpolate +
     torchvision's sigmoid_focal_loss + dice, per output, at upsampling factors integer or not (and 1)."""
