@@ -33,8 +33,8 @@ bench() {
   local name=$1 limit=$2; shift 2
   fits "$limit" "$name" || return 0
   log "benchmark $name"
-  timeout "$limit" $PY -m step_lightning.benchmark "$@" hydra.run.dir="$out/$name" device="$device" \
-    precision="$precision" data=cityscapes data.root="$data" data.split=train crop=center components=false \
+  timeout "$limit" $PY -m step_lightning.benchmark hydra.run.dir="$out/$name" device="$device" \
+    precision="$precision" data=cityscapes data.root="$data" data.split=train crop=center components=false "$@" \
     >"$out/$name.log" 2>&1
   log "benchmark $name rc=$?"
 }
@@ -45,7 +45,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   runs="num_images=2 warmup=1 repeats=2"
   bench infer_tiny 300 $size $runs batch_size=2 engines=[packed,fast] force_halt=0.4 profile=true \
     "methods=[segvit,dcts,step,{name: step_net, method: step, policy: random},$BUDGETS]"
-  bench train_tiny 300 $size $runs batch_size=2 mode=train force_halt=0.4 "methods=[segvit,dcts,step,$BUDGETS]"
+  bench train_tiny 300 $size $runs batch_size=2 mode=train force_halt=0.4 profile=true "methods=[segvit,dcts,step,$BUDGETS]"
   exit 0
 fi
 
@@ -56,14 +56,16 @@ budget: $1, halt_budget: 0.4, force_halt: null}"; }
 oracle="segvit,cts,dcts,dtop,step,step_single"
 net="{name: dcts_net, method: dcts, policy: random},{name: step_net, method: step, policy: random}"
 runs="warmup=1 repeats=3 force_halt=0.4 num_images=8"
-bench vit_l_1024_b1 130 backbone=vit_l resolution=1024 $runs batch_size=1 engines=[packed,fast] profile=true \
-  "methods=[$oracle,$(budgets 0.3)]"
+# Most telling first: batch 1 (where the fixed cost per forward shows) with components and a profile, then the
+# training step with its parts, then the large batches.
+bench vit_b_512_b1 120 backbone=vit_b resolution=512 $runs batch_size=1 engines=[packed,fast] components=true \
+  profile=true "methods=[$oracle,$net,$(budgets 0.5)]"
+bench train_vit_l_1024_b2 110 backbone=vit_l resolution=1024 $runs batch_size=2 mode=train profile=true \
+  profile_batches=1 "methods=[segvit,dcts,step,$(budgets 0.3)]"
 bench vit_l_1024_b8 110 backbone=vit_l resolution=1024 $runs batch_size=8 engines=[packed,fast] \
   "methods=[$oracle,$(budgets 0.3)]"
-bench train_vit_l_1024_b2 100 backbone=vit_l resolution=1024 $runs batch_size=2 mode=train \
-  "methods=[segvit,dcts,step,$(budgets 0.3)]"
-bench vit_b_512_b1 70 backbone=vit_b resolution=512 $runs batch_size=1 engines=[packed,fast] \
-  "methods=[$oracle,$net,$(budgets 0.5)]"
+bench vit_l_1024_b1 150 backbone=vit_l resolution=1024 $runs batch_size=1 engines=[packed,fast] profile=true \
+  "methods=[$oracle,$(budgets 0.3)]"
 bench vit_b_1024_b8 70 backbone=vit_b resolution=1024 $runs batch_size=8 engines=[packed,fast] \
   "methods=[$oracle,$(budgets 0.3)]"
 bench train_vit_b_512_b8 60 backbone=vit_b resolution=512 $runs batch_size=8 mode=train \

@@ -13,9 +13,10 @@ backward), throughput (``repeats`` timed passes over all crops in batches of ``b
 passes, methods and engines alternating round by round so drift hits all alike; median images/s with the
 spread; CUDA synchronised) for each of ``engines``: ``padded`` (the padded store), ``packed`` (the packed store,
 eager) and ``fast`` (packed + CUDA graphs per bucket and the fused policy; on CPU eager packed + fused policy),
-or with ``mode=train`` of training steps (forward, ATM loss, backward), extra memory of one forward (or step),
-tokens after the tokenizer and after each exit, halted fraction, mIoU on the crops for methods given a
-checkpoint, (``profile``, CUDA) kernels and GPU idle share under torch.profiler, and (``components``) the
+or with ``mode=train`` of training steps (forward, ATM loss, backward; and one pass timing these parts apart),
+extra memory of one forward (or step), tokens after the tokenizer and after each exit, halted fraction, mIoU on
+the crops for methods given a checkpoint, (``profile``, once the tables are written) host time, host syncs and,
+on CUDA, kernels, GPU busy time and idle share and the top kernels under torch.profiler, and (``components``) the
 packed store's time and dispatched ops per component
 (policy, layout, embed, blocks, heads, exits, read, output; ``step_lightning.measure.components``), of which
 the fixed part (policy, layout, embed, exits, reads) does not shrink with the tokens.
@@ -41,7 +42,14 @@ from step_lightning.measure.components import component_ops, component_times, fi
 from step_lightning.measure.gflops import ForwardCost, training_gflops
 from step_lightning.measure.inputs import sample_crops
 from step_lightning.measure.memory import forward_memory_mb
-from step_lightning.measure.presets import ENGINES, build_models, engine_forward, method_configs, training_step
+from step_lightning.measure.presets import (
+    ENGINES,
+    build_models,
+    engine_forward,
+    method_configs,
+    training_split,
+    training_step,
+)
 from step_lightning.measure.progress import Progress
 from step_lightning.measure.report import add_engine_ratios, add_ratios, write_outputs
 from step_lightning.measure.statistics import token_statistics
@@ -86,7 +94,7 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     # Forward passes: token statistics and a GFLOPs trace per method, memory, components, then the timed passes.
     timed = 1 if training else len(engines)
     total = len(models) * (len(images) + 1 + 1 + (cfg.repeats + 3 if components else 0))
-    total += len(models) * timed * (cfg.warmup + cfg.repeats) * batch_count
+    total += len(models) * (timed * (cfg.warmup + cfg.repeats) + training) * batch_count
     x, y = images.to(device), labels.to(device)
     with Progress("benchmark", total) as progress:
         for name, model in models.items():  # fvcore traces with the JIT, which inference_mode would break
@@ -111,9 +119,11 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         x = x.to(dtype)
         batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
         if training:
-            seconds = time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress)
+            seconds, timed_steps = time_training(cfg, models, options, results, batches, device, datamodule,
+                                                 progress)
         else:
-            seconds = time_inference(cfg, models, options, results, batches, device, dtype, engines, progress)
+            seconds, timed_steps = time_inference(cfg, models, options, results, batches, device, dtype, engines,
+                                                  progress)
     for (name, engine), passes in seconds.items():
         rates = [len(x) / s for s in passes]
         results[name].setdefault("images_per_s_by_engine", {})[engine] = statistics.median(rates)
@@ -162,15 +172,22 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         "methods": results,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    path = write_outputs(report, Path(cfg.paths.output_dir))
+    out_dir = Path(cfg.paths.output_dir)
+    path = write_outputs(report, out_dir)
+    if cfg.get("profile"):  # after the tables are written: a profile cut short loses nothing else
+        with sdpa_context(cfg.sdpa), torch.inference_mode(not training):
+            for (name, engine), step in timed_steps.items():
+                profiled = profile_pass(step, batches[: cfg.profile_batches], device)
+                results[name].setdefault("profile", {})[engine] = profiled
+                path = write_outputs(report, out_dir)
     log.info(Path(cfg.paths.output_dir, "benchmark.md").read_text())
     log.info(f"benchmark: {path}")
     return report
 
 
-def time_inference(cfg, models, options, results, batches, device, dtype, engines, progress: Progress) -> dict:
-    """Peak memory, per-component times and dispatched ops of each method's forward, and the seconds of every
-    timed pass per (method, engine), methods and engines alternating round by round."""
+def time_inference(cfg, models, options, results, batches, device, dtype, engines, progress: Progress):
+    """Peak memory, per-component times and dispatched ops of each method's forward; the seconds of every
+    timed pass per (method, engine), methods and engines alternating round by round, and the timed forwards."""
     with torch.inference_mode(), sdpa_context(cfg.sdpa):
         for name, model in models.items():
             model.to(device, dtype)
@@ -187,23 +204,22 @@ def time_inference(cfg, models, options, results, batches, device, dtype, engine
                 progress.step(f"components {name}", cfg.repeats + 3)
         forwards = {(name, engine): engine_forward(model, options[name], engine) for name, model in models.items()
                     for engine in engines}
-        seconds = time_passes(forwards, batches, cfg, device, done=progress.step)
-        if cfg.get("profile") and device.type == "cuda":
-            for (name, engine), forward in forwards.items():
-                results[name].setdefault("profile", {})[engine] = profile_pass(forward, batches, device)
-        return seconds
+        return time_passes(forwards, batches, cfg, device, done=progress.step), forwards
 
 
-def time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress: Progress) -> dict:
-    """Peak memory and the seconds of every timed pass of training steps (forward, ATM loss, backward; weights
-    in fp32 under autocast for bf16/fp16) per method, methods alternating round by round. ``force_halt`` applies
-    in training too: the benchmark's models take its rule."""
+def time_training(cfg, models, options, results, batches, device, datamodule, progress: Progress):
+    """Peak memory, the ms of a step's parts (``training_split``) and the seconds of every timed pass of training
+    steps (forward, ATM loss, backward; weights in fp32 under autocast for bf16/fp16) per method, methods
+    alternating round by round; and the timed steps. ``force_halt`` applies in training too: the benchmark's
+    models take its rule."""
     criterion = ATMLoss(datamodule.num_classes, datamodule.ignore_index)
+    dtype = DTYPES[cfg.precision]
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     steps = {}
+    batches = [(images.float(), labels) for images, labels in batches]
     with sdpa_context(cfg.sdpa):
         for name, model in models.items():
             model.halting = options[name].rule(model)
@@ -211,12 +227,11 @@ def time_training(cfg, models, options, results, batches, device, dtype, datamod
             steps[(name, "train")] = training_step(model, criterion, autocast)
             results[name]["peak_mem_mb"] = forward_memory_mb(steps[(name, "train")], *batches[0])
             progress.step(f"memory {name}")
-        batches = [(images.float(), labels) for images, labels in batches]
         seconds = time_passes(steps, batches, cfg, device, done=progress.step)
-        if cfg.get("profile") and device.type == "cuda":
-            for (name, _), step in steps.items():
-                results[name]["profile"] = {"train": profile_pass(step, batches, device)}
-        return seconds
+        for name, model in models.items():
+            results[name]["step_split_ms"] = training_split(model, criterion, autocast, batches, device)
+            progress.step(f"step parts {name}", len(batches))
+    return seconds, steps
 
 
 @checked_command_line()

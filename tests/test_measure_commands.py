@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -198,3 +199,71 @@ def test_commands_rebuild_a_trained_model_from_its_checkpoint(tiny_step_run, tmp
     assert {"block 1", "block 2", "exit head 1 (L1)"} <= set(rows) and "block 3" not in rows
     paths = visualize(compose_config([*inputs, f"ckpt_path={ckpt}"], "visualize", tmp_path / "vis"))
     assert len(paths) == 1 and Image.open(paths[0]).size[0] > 300
+
+
+def test_training_benchmark_times_the_step_parts_and_profiles_after_writing_its_tables(tmp_path, monkeypatch):
+    """mode=train: the parts of a step (forward, loss, backward) per method; the profile comes after the tables
+    are on disk (a profile cut short loses nothing)."""
+    from step_lightning import benchmark as command
+    from step_lightning.measure import timing
+
+    def interrupted(*args):
+        assert "| step1 |" in (tmp_path / "benchmark.md").read_text()
+        raise KeyboardInterrupt
+
+    overrides = [*TINY, "methods=[segvit,{name:step1,method:step,prune_heads:[1],force_halt:0.5}]", "resolution=64",
+                 "num_images=2", "repeats=1", "warmup=0", "batch_size=2", "mode=train", "profile=true"]
+    report = command.benchmark(compose_config(overrides, "benchmark", tmp_path), overrides)
+    for row in report["methods"].values():
+        assert set(row["step_split_ms"]) == {"forward", "loss", "backward"} and min(row["step_split_ms"].values()) > 0
+        profile = row["profile"]["train"]
+        assert profile["wall_ms"] >= profile["host_ms"] > 0 and profile["syncs"] == 0 and "kernels" not in profile
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| step1 |" in table.split("Training step parts")[1] and "Under torch.profiler" in table
+    monkeypatch.setattr(timing, "profile_pass", interrupted)
+    monkeypatch.setattr(command, "profile_pass", interrupted)
+    (tmp_path / "benchmark.md").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        command.benchmark(compose_config(overrides, "benchmark", tmp_path), overrides)
+
+
+def test_the_timed_step_parts_give_the_gradients_of_one_backward():
+    """training_split differentiates the loss to the heads' outputs, then the model from there: the gradients
+    are those of ``loss.backward()``."""
+    from step_lightning.measure.presets import training_split, training_step
+    from step_lightning.models.factory import ModelSpec, build_model
+    from step_lightning.models.loss import ATMLoss
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(backbone="vit_t", num_classes=5, depth=2, taps=(1, 2), tokenizer="dcts",
+                                  tau=6899, prune_heads=(1,), drop_path_rate=0.0)).train()
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+    labels[:, :32] = 1  # homogeneous windows: supertokens
+    criterion = ATMLoss(5)
+    torch.manual_seed(1)  # the same dropout in both
+    training_step(model, criterion, contextlib.nullcontext)(images, labels)
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    torch.manual_seed(1)
+    parts = training_split(model, criterion, contextlib.nullcontext, [(images, labels)], torch.device("cpu"))
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected) and len(got) > 10 and min(parts.values()) > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_profile_summary_counts_host_syncs_and_ranks_kernels():
+    """Per batch: syncs less the pass's own final one, kernels by device time, the GPU's idle share."""
+    from types import SimpleNamespace
+
+    from step_lightning.measure.timing import profile_summary
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(name=n, device_type=d, device_time=t) for n, d, t in [
+        ("aten::linear", cpu, 0), ("cudaLaunchKernel", cpu, 0), ("cudaMemcpyAsync", cpu, 0),
+        ("cudaStreamSynchronize", cpu, 0), ("cudaStreamSynchronize", cpu, 0), ("cudaDeviceSynchronize", cpu, 0),
+        ("gemm", cuda, 3000.0), ("softmax", cuda, 500.0), ("gemm", cuda, 3000.0), ("copy", cuda, 1500.0)]]
+    got = profile_summary(events, wall_s=0.02, host_s=0.004, batches=2, gpu=True, final_syncs=1)
+    assert got["syncs"] == 1.0 and got["kernels"] == 2.0 and got["gpu_busy_ms"] == 4.0
+    assert got["gpu_idle_fraction"] == pytest.approx(0.6) and got["wall_ms"] == 10 and got["host_ms"] == 2
+    assert got["top_kernels"] == [["gemm", 3.0], ["copy", 0.75], ["softmax", 0.25]]
+    assert set(profile_summary(events[:6], 0.02, 0.02, 1, gpu=False)) == {"wall_ms", "host_ms", "syncs"}

@@ -128,6 +128,7 @@ RANGES: dict[str, Bound] = {
     "batch_size": COUNT,
     "warmup": STEPS,
     "repeats": COUNT,
+    "profile_batches": COUNT,
     "threads": dataclasses.replace(COUNT, nullable=True),
     "force_halt": Bound(0, 1, nullable=True),
 }

@@ -8,6 +8,7 @@ for that method only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -21,6 +22,7 @@ from torch import nn
 from step_lightning.config.checks import check_config
 from step_lightning.config.model import build_model_from_config
 from step_lightning.core import ConfigError
+from step_lightning.measure.timing import synchronize
 from step_lightning.models.base import SegmenterBase
 from step_lightning.models.engine import InferenceOptions
 
@@ -121,3 +123,29 @@ def training_step(model: SegmenterBase, criterion: nn.Module, autocast):
         criterion(out.outputs, labels)["loss"].backward()
 
     return step
+
+
+def training_split(model: SegmenterBase, criterion: nn.Module, autocast, batches: list, device) -> dict[str, float]:
+    """ms per batch of a training step's parts, the device synchronised between them: ``forward`` (the model's),
+    ``loss`` (the ATM loss and its backward to the heads' outputs) and ``backward`` (the model's, from there)."""
+    parts = dict.fromkeys(("forward", "loss", "backward"), 0.0)
+    for images, labels in batches:
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast():
+            out = model(images, labels)
+        heads = [tensor for output in out.outputs for tensor in output.values()]
+        synchronize(device)
+        forward_end = time.perf_counter()
+        grads = torch.autograd.grad(criterion(out.outputs, labels)["loss"], heads, allow_unused=True)
+        synchronize(device)
+        loss_end = time.perf_counter()
+        used = [(tensor, grad) for tensor, grad in zip(heads, grads, strict=True) if grad is not None]
+        torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+        synchronize(device)
+        end = time.perf_counter()
+        for part, seconds in (("forward", forward_end - start), ("loss", loss_end - forward_end),
+                              ("backward", end - loss_end)):
+            parts[part] += seconds * 1e3 / len(batches)
+    return parts

@@ -126,10 +126,25 @@ def profile_table(results: dict[str, dict]) -> str:
     rows = [(name, engine, p) for name, row in results.items() for engine, p in row.get("profile", {}).items()]
     if not rows:
         return ""
-    lines = ["| method | engine | wall ms | GPU ms | kernels | GPU idle |", "|---|---|---|---|---|---|"]
+    lines = ["| method | engine | wall ms | host ms | syncs | GPU ms | kernels | GPU idle | top kernels (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, engine, p in rows:
-        lines.append(f"| {name} | {engine} | {p['wall_ms']:.2f} | {p['gpu_busy_ms']:.2f} | {p['kernels']:.0f} | "
-                     f"{p['gpu_idle_fraction']:.2f} |")
+        top = "; ".join(f"{kernel} {ms:.2f}" for kernel, ms in p.get("top_kernels", [])[:3]) or "-"
+        gpu = [cell(p, key, fmt) for key, fmt in (("gpu_busy_ms", "{:.2f}"), ("kernels", "{:.0f}"),
+                                                  ("gpu_idle_fraction", "{:.2f}"))]
+        lines.append(f"| {name} | {engine} | {p['wall_ms']:.2f} | {p['host_ms']:.2f} | {p['syncs']:.1f} | "
+                     + " | ".join(gpu) + f" | {top} |")
+    return "\n".join(lines)
+
+
+def split_table(results: dict[str, dict]) -> str:
+    rows = {name: row["step_split_ms"] for name, row in results.items() if "step_split_ms" in row}
+    if not rows:
+        return ""
+    lines = ["| method | forward ms | loss ms | backward ms | loss share |", "|---|---|---|---|---|"]
+    for name, parts in rows.items():
+        lines.append(f"| {name} | {parts['forward']:.1f} | {parts['loss']:.1f} | {parts['backward']:.1f} | "
+                     f"{parts['loss'] / sum(parts.values()):.2f} |")
     return "\n".join(lines)
 
 
@@ -151,9 +166,12 @@ def write_outputs(report: dict, out_dir: Path) -> Path:
         tables.append("Packed engine per component (eager, synchronised at each component; ms per forward of one "
                       "batch / dispatched non-view ops; fixed = policy + layout + embed + exits + read):\n\n"
                       + components)
+    if split := split_table(results):
+        tables.append("Training step parts (one pass, synchronised between parts; ms per batch; loss = the ATM "
+                      "loss and its backward to the heads' outputs):\n\n" + split)
     if profiles := profile_table(results):
-        tables.append("Under torch.profiler (one pass; per batch): wall ms, GPU kernel ms, kernels, GPU idle share:\n\n"
-                      + profiles)
+        tables.append("Under torch.profiler (the first batches; per batch): wall and host ms (until the last call "
+                      "returned), host syncs, GPU kernel ms, kernels, GPU idle share, top kernels:\n\n" + profiles)
     atomic_write_text(out_dir / "benchmark.md", header + "\n\n" + "\n\n".join(tables) + "\n")
     with open(out_dir / "benchmark.csv", "w", newline="") as file:
         writer = csv.writer(file)

@@ -67,20 +67,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# CUDA runtime calls on which the host waits for the GPU (a host read is a copy followed by one of these).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
 def profile_pass(forward, batches: list, device: torch.device) -> dict:
-    """One pass of ``forward`` over ``batches`` under torch.profiler (CUDA): wall ms per batch, GPU kernel ms per
-    batch, kernels per batch and the GPU's idle share of the wall time (launch gaps, host reads, Python)."""
+    """One pass of ``forward`` over ``batches`` under torch.profiler, summarised per batch by ``profile_summary``."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         for images, labels in batches:
             forward(images, labels)
+        enqueued = time.perf_counter()
         synchronize(device)
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(e.device_time for e in kernels)  # one stream: kernels do not overlap
-    count = len(batches)
-    return {"wall_ms": wall * 1e3 / count, "gpu_busy_ms": busy_us / 1e3 / count, "kernels": len(kernels) / count,
-            "gpu_idle_fraction": max(0.0, 1.0 - busy_us / 1e6 / wall)}
+    gpu = device.type == "cuda"
+    return profile_summary(prof.events(), wall, enqueued - start, len(batches), gpu, final_syncs=int(gpu))
+
+
+def profile_summary(events, wall_s: float, host_s: float, batches: int, gpu: bool, final_syncs: int = 0,
+                    top: int = 8) -> dict:
+    """Per batch: wall ms; host ms (until the last call returned: about wall when the host is the bottleneck or
+    waits on syncs, much less when the GPU is); host syncs (``SYNC_CALLS``, less the pass's ``final_syncs``);
+    with ``gpu``: CUDA kernels, their ms, the GPU's idle share of the wall time and the ``top`` kernels by time."""
+    kernels: dict[str, float] = {}
+    launches = syncs = 0
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time
+            launches += 1
+        elif event.name in SYNC_CALLS:
+            syncs += 1
+    busy_us = sum(kernels.values())  # one stream: kernels do not overlap
+    top_kernels = sorted(kernels.items(), key=lambda item: -item[1])[:top]
+    summary = {"wall_ms": wall_s * 1e3 / batches, "host_ms": host_s * 1e3 / batches,
+               "syncs": (syncs - final_syncs) / batches}
+    if gpu:
+        summary |= {"kernels": launches / batches, "gpu_busy_ms": busy_us / 1e3 / batches,
+                    "gpu_idle_fraction": max(0.0, 1.0 - busy_us / 1e6 / wall_s),
+                    "top_kernels": [[name[:80], us / 1e3 / batches] for name, us in top_kernels]}
+    return summary
