@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +20,14 @@ TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file in the same folder, fsync, then rename over ``path``, so a
-    crash never leaves half a file. A full disk is raised as OSError(ENOSPC) naming ``path``."""
+    crash never leaves half a file. The file gets the permissions a plain ``open`` would give it (an existing
+    one keeps its own). A full disk is raised as OSError(ENOSPC) naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp creates 0600: others sharing the results could not read them
+            os.fchmod(fd, file_mode(path))
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -35,6 +39,21 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
     return path
+
+
+def file_mode(path: Path) -> int:
+    """``path``'s permission bits if it exists, else those ``open`` gives a new file (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        pass
+    try:  # Linux: the umask without changing it
+        status = Path("/proc/self/status").read_text()
+        umask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE).group(1), 8)
+    except (OSError, AttributeError):
+        umask = os.umask(0)  # elsewhere: read by setting it, then restore it at once
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def disk_full(error: BaseException) -> OSError | None:
