@@ -4,7 +4,7 @@ and the early-exit halting/selection steps.
     python -m step_lightning.profile_layers method=step_single backbone=vit_b resolution=1024 force_halt=0.4 \
         data=cityscapes data.root=../shared/realdata/cityscapes data.split=train num_images=1
 
-Time: the forward's own component marks (``step_lightning.models.engine.probing``): the tokenizer, each block,
+Time: the forward's own component marks (``step_lightning.models.segments.probing``): the tokenizer, each block,
 each head, the halting rule, the token selection and the host reads, synchronised on CUDA at every mark (the
 syncs serialise the GPU, so per-layer times add up to more than an unprofiled forward). ``other`` = the rest
 (unsharing to the grid, Python overhead).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from step_lightning.models import engine
+from step_lightning.models import segments
 from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.loss import ATMLoss
 from step_lightning.models.packed import Packing, self_attention, use_flash_varlen
@@ -96,12 +96,12 @@ def test_packed_training_backward_through_varlen():
 @pytest.mark.parametrize("method", ["segvit", "step"])
 def test_graph_capture_and_replay_under_autocast(method):
     model, images, labels = cuda_model(method)
-    engine.reset(model)
+    segments.reset(model)
     with torch.autocast("cuda", torch.bfloat16):
         with torch.inference_mode():
             eager, _ = model.predict(images, labels)
             first, _ = model.predict(images, labels, FAST)
-        runner = engine.segment_runner(model, CUDA, FAST)
+        runner = segments.segment_runner(model, CUDA, FAST)
         captures = runner.captures
         with torch.inference_mode():
             second, _ = model.predict(images, labels, FAST)

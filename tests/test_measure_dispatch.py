@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from step_lightning.measure.dispatch import DispatchCounter
-from step_lightning.models.engine import mark
+from step_lightning.models.segments import mark
 
 X = torch.arange(6.0)
 

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from step_lightning.core import ConfigError
 from step_lightning.measure.dispatch import DispatchCounter
-from step_lightning.models import engine
+from step_lightning.models import engine, segments
 from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.factory import ModelSpec, build_model
 from step_lightning.models.halting import ConfidenceHalting, HaltingRule, register_rule
@@ -197,7 +197,7 @@ def test_outputs_do_not_depend_on_the_bucket(method, monkeypatch):
 
     results = [run(model, images, labels)]  # exact sizes
     for steps in (0, 1, 2):
-        monkeypatch.setattr(engine, "bucket", shifted(steps))
+        monkeypatch.setattr(segments, "bucket", shifted(steps))
         results.append(run(model, images, labels, FAST))
     for other in results[1:]:
         assert_same(other, results[0])
@@ -255,7 +255,7 @@ def test_every_segment_traces_as_one_graph(method):
     try:
         compiled = run(model, images, labels, replace(FAST, fast_backend="compile:eager"))
     finally:
-        engine.reset(model)
+        segments.reset(model)
     assert_same(compiled, reference)
 
 
@@ -265,7 +265,7 @@ def test_fast_on_cpu_runs_the_fused_policy_eagerly():
     reference = run(model, images, None)
     keys = set(model.state_dict())
     fast = run(model, images, None, FAST)
-    assert engine.policy_for(model, True) is not model.tokenizer.policy  # the fused copy, cached outside the state
+    assert segments.policy_for(model, True) is not model.tokenizer.policy  # the fused copy, cached outside the state
     assert set(model.state_dict()) == keys
     assert_same(fast, reference)
 
@@ -276,7 +276,7 @@ def test_inference_options_are_checked():
             InferenceOptions(**bad)
 
 
-class ReplayRunner(engine.SegmentRunner):
+class ReplayRunner(segments.SegmentRunner):
     """The CUDA-graph runner with graphs simulated on CPU: capture runs the segment once and keeps its output
     buffers; a replay recomputes from the static input buffers and overwrites those same output buffers, as a
     CUDA graph does."""
@@ -414,19 +414,19 @@ def test_a_new_halting_rule_is_one_registered_class():
 
 def test_graph_settings_come_from_the_tokenizer_and_rule_objects():
     model = build("step")
-    key = engine.settings_key(model, model.halting)
+    key = segments.settings_key(model, model.halting)
     model.tokenizer.thresholds = (0.5, 0.5, 0.5, 0.5)
-    assert engine.settings_key(model, model.halting) != key
-    assert engine.settings_key(model, ConfidenceHalting(0.1, 5)) != engine.settings_key(model, model.halting)
+    assert segments.settings_key(model, model.halting) != key
+    assert segments.settings_key(model, ConfidenceHalting(0.1, 5)) != segments.settings_key(model, model.halting)
 
 
 def test_alternating_options_keep_each_runner_and_its_graphs():
     model = build("segvit")
     device = torch.device("cpu")
     compiled = replace(FAST, fast_backend="compile:eager")
-    first = engine.segment_runner(model, device, compiled)
-    assert engine.segment_runner(model, device, PACKED) is not first
-    assert engine.segment_runner(model, device, compiled) is first  # not a fresh runner: nothing re-captured
+    first = segments.segment_runner(model, device, compiled)
+    assert segments.segment_runner(model, device, PACKED) is not first
+    assert segments.segment_runner(model, device, compiled) is first  # not a fresh runner: nothing re-captured
 
 
 @dataclass(frozen=True)
@@ -488,11 +488,11 @@ def test_with_budgets_the_forward_compiles_as_one_graph(method):
     images, labels = torch.randn(2, 3, 128, 128), scene_labels(2, 128)
     reference = run(model, images, labels)
     torch._dynamo.reset()
-    runner = engine.segment_runner(model, images.device, replace(FAST, fast_backend="compile:eager"))
+    runner = segments.segment_runner(model, images.device, replace(FAST, fast_backend="compile:eager"))
     try:
         compiled = run(model, images, labels, replace(FAST, fast_backend="compile:eager"))
     finally:
-        engine.reset(model)
+        segments.reset(model)
     assert_same(compiled, reference)
     assert len(runner.compiled) == 1  # one segment: the whole forward, no read to split it
 

@@ -2,7 +2,7 @@
 embedding, the encoder blocks, the final head(s), the exits (exit heads, halting, compaction), the host reads
 and the output (unsharing to the grid).
 
-Times come from the engine's own component marks (``step_lightning.models.engine.probing``), synchronised on
+Times come from the engine's own component marks (``step_lightning.models.segments.probing``), synchronised on
 CUDA at every mark, so each component is timed alone (the sum exceeds an unprobed forward, which overlaps
 them); segments run eagerly while probed. ``read`` is the host read itself on an idle device: its round trip,
 the smallest bubble each read adds to an unprobed forward (which also waits for the launches after it).
@@ -22,7 +22,8 @@ from torch import nn
 
 from step_lightning.measure.dispatch import DispatchCounter
 from step_lightning.measure.timing import synchronize
-from step_lightning.models.engine import SECTIONS, InferenceOptions, Probe, probing
+from step_lightning.models.engine import InferenceOptions
+from step_lightning.models.segments import SECTIONS, Probe, probing
 
 FIXED = ("policy", "layout", "embed", "exits", "read")
 

@@ -1,7 +1,7 @@
 """Dispatcher-level counters of one forward: host reads, dispatched ops per engine component, op sequences.
 
 ``DispatchCounter`` is a context manager (a TorchFunctionMode + a TorchDispatchMode) and an engine probe
-(``step_lightning.models.engine.probing``), so ops are attributed to the component the engine last marked
+(``step_lightning.models.segments.probing``), so ops are attributed to the component the engine last marked
 (policy, layout, embed, blocks, heads, exits, read, output; ``other`` outside the engine's marks).
 
 Host reads (a device -> host transfer the CPU waits for; on CUDA each one is a sync):
@@ -24,7 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from step_lightning.models.engine import Probe, probing
+from step_lightning.models.segments import Probe, probing
 
 aten = torch.ops.aten
 

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from step_lightning.core.files import atomic_write_text, write_json
-from step_lightning.models.engine import SECTIONS
+from step_lightning.models.segments import SECTIONS
 
 
 def add_ratios(results: dict[str, dict], reference: str, cost: str = "gflops") -> None:
