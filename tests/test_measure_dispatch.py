@@ -25,7 +25,9 @@ X = torch.arange(6.0)
         (lambda: X.nonzero(), "nonzero"),
         (lambda: X.masked_select(X > 2), "masked_select"),
         (lambda: X[X > 2], "index"),
-        (lambda: X.clone().__setitem__(X > 2, 0.0), "index_put_"),
+        # values per selected element: index_put_ with a bool index (from torch 2.15 a scalar value is a
+        # masked_fill_, which reads nothing)
+        (lambda: X.clone().__setitem__(X > 2, torch.tensor([7.0, 8.0, 9.0])), "index_put_"),
         (lambda: X.unique(), "_unique2"),
         (lambda: X.repeat_interleave(torch.tensor([1, 0, 2, 1, 1, 1])), "repeat_interleave"),
         (lambda: range(10)[X.long()[2]], "__index__"),
