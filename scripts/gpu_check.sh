@@ -46,6 +46,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   bench infer_tiny 300 $size $runs batch_size=2 engines=[packed,fast] force_halt=0.4 profile=true \
     "methods=[segvit,dcts,step,{name: step_net, method: step, policy: random},$BUDGETS]"
   bench train_tiny 300 $size $runs batch_size=2 mode=train force_halt=0.4 profile=true "methods=[segvit,dcts,step,$BUDGETS]"
+  $PY scripts/gpu_table.py "$out" --out "$out/summary.md" >/dev/null
   exit 0
 fi
 
@@ -70,4 +71,14 @@ bench vit_b_1024_b8 70 backbone=vit_b resolution=1024 $runs batch_size=8 engines
   "methods=[$oracle,$(budgets 0.3)]"
 bench train_vit_b_512_b8 60 backbone=vit_b resolution=512 $runs batch_size=8 mode=train \
   "methods=[segvit,dcts,step,$(budgets 0.5)]"
+# The remaining cells of the table, if the budget still has room.
+bench vit_b_512_b8 70 backbone=vit_b resolution=512 $runs batch_size=8 engines=[packed,fast] \
+  "methods=[$oracle,$(budgets 0.5)]"
+bench vit_b_1024_b1 90 backbone=vit_b resolution=1024 $runs batch_size=1 engines=[packed,fast] \
+  "methods=[$oracle,$(budgets 0.3)]"
+bench vit_l_512_b8 90 backbone=vit_l resolution=512 $runs batch_size=8 engines=[packed,fast] \
+  "methods=[$oracle,$(budgets 0.5)]"
+bench vit_l_512_b1 100 backbone=vit_l resolution=512 $runs batch_size=1 engines=[packed,fast] \
+  "methods=[$oracle,$(budgets 0.5)]"
+$PY scripts/gpu_table.py "$out" --out "$out/summary.md" >/dev/null  # the tables and the targets' verdicts
 log "done"

@@ -267,3 +267,50 @@ def test_profile_summary_counts_host_syncs_and_ranks_kernels():
     assert got["gpu_idle_fraction"] == pytest.approx(0.6) and got["wall_ms"] == 10 and got["host_ms"] == 2
     assert got["top_kernels"] == [["gemm", 3.0], ["copy", 0.75], ["softmax", 0.25]]
     assert set(profile_summary(events[:6], 0.02, 0.02, 1, gpu=False)) == {"wall_ms", "host_ms", "syncs"}
+
+
+def test_gpu_table_checks_each_speed_target_per_cell_and_engine(tmp_path):
+    """scripts/gpu_table.py on two hand-made cells: the tables, and a verdict per target from the figures."""
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("gpu_table", REPO / "scripts" / "gpu_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def row(gflops, speed, mem, train=False):
+        ratio = 100.0 / gflops
+        engines = ["train"] if train else ["packed", "fast"]
+        return {"gflops": gflops, "gflops_ratio": ratio, "images_per_s": 10 * speed, "throughput_ratio": speed,
+                "throughput_per_gflops_ratio": speed / ratio, "peak_mem_mb": mem,
+                "images_per_s_by_engine": dict.fromkeys(engines, 10 * speed),
+                "speedup_by_engine": dict.fromkeys(engines, speed),
+                "speedup_per_gflops_by_engine": dict.fromkeys(engines, speed / ratio)}
+
+    setting = {"device": "GPU", "torch": "2", "cuda": "13", "cudnn": 9, "attention": "varlen", "precision": "bf16",
+               "images": 8, "data": "cityscapes", "policy": "oracle", "force_halt": 0.4, "reference": "segvit"}
+    inference = {"setting": setting | {"mode": "inference", "backbone": "vit_l", "resolution": 1024, "batch_size": 8,
+                                       "engines": ["packed", "fast"]},
+                 "config": {"methods": ["segvit", "dcts", "step", {"name": "dcts_budget", "method": "dcts"}]},
+                 "methods": {"segvit": row(100, 1.0, 1000), "dcts": row(25, 3.6, 400), "step": row(20, 3.5, 400),
+                             "dcts_budget": row(20, 4.0, 300)}}
+    training = {"setting": setting | {"mode": "train", "backbone": "vit_l", "resolution": 1024, "batch_size": 2,
+                                      "engines": ["train"]},
+                "config": {"methods": ["segvit", "dcts"]},
+                "methods": {"segvit": row(100, 1.0, 9000, True), "dcts": row(25, 3.0, 5000, True) | {
+                    "step_split_ms": {"forward": 10.0, "loss": 10.0, "backward": 20.0}}}}
+    (tmp_path / "vit_l_1024_b8").mkdir()
+    (tmp_path / "vit_l_1024_b8" / "benchmark.json").write_text(json.dumps(inference))
+    (tmp_path / "train_vit_l_1024_b2.json").write_text(json.dumps(training))
+    text = module.summary(tmp_path)
+    assert "| dcts | 4.00 / 3.60 / 0.90, 400 MB | 4.00 / 3.60 / 0.90, 400 MB |" in text
+    assert "| dcts | 4.00 / 3.00 / 0.75, 5000 MB, loss 0.25 |" in text
+    targets = text.split("Targets:")[1]
+    assert "- met: ViT-L 1024 b8 fast every method faster than segvit" in targets
+    assert "- met: ViT-L 1024 b8 fast dcts speedup 3.60 = 0.90 of its GFLOPs ratio" in targets
+    assert "- MISSED: ViT-L 1024 b8 fast step speedup 3.50 = 0.70 of its GFLOPs ratio" in targets
+    assert "- MISSED: ViT-L 1024 b8 fast step (1.25x fewer GFLOPs than dcts) speedup 3.50 vs dcts 3.60" in targets
+    assert "- met: ViT-L 1024 b8 packed dcts_budget per GFLOP 0.80 vs dcts 0.90" not in targets
+    assert "- MISSED: ViT-L 1024 b8 packed dcts_budget per GFLOP 0.80 vs dcts 0.90" in targets
+    assert "- MISSED: train ViT-L 1024 b2 dcts training speedup 3.00 = 0.75 of its training-GFLOPs ratio" in targets
