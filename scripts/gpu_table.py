@@ -164,7 +164,8 @@ def check_targets(cells: dict[str, dict]) -> list[str]:
 def environment(cells: dict[str, dict]) -> str:
     s = next(iter(cells.values()))["setting"]
     return (f"{s['device']}, torch {s['torch']}, CUDA {s['cuda']}, cuDNN {s['cudnn']}, attention: {s['attention']}, "
-            f"{s['precision']}, {s['images']} crops of {s['data']} ({s['policy']} layouts), force_halt={s['force_halt']}")
+            f"{s['precision']}, {s['images']} crops of {s['data']} ({s['policy']} layouts), "
+            f"force_halt={s['force_halt']}")
 
 
 def summary(root: Path) -> str:
