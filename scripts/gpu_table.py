@@ -62,50 +62,31 @@ def engines_of(report: dict) -> list[str]:
     return list(report["setting"]["engines"])
 
 
-def inference_table(cells: dict[str, dict]) -> str:
-    reports = [r for r in cells.values() if r["setting"]["mode"] == "inference"]
+def table(cells: dict[str, dict], mode: str) -> str:
+    """Methods x (cell, engine) of one ``mode`` (inference | train): the reference's img/s, the others' GFLOPs
+    ratio / speedup / speedup per GFLOPs ratio; peak MB; with timed step parts, the loss's share of a step."""
+    reports = [r for r in cells.values() if r["setting"]["mode"] == mode]
     if not reports:
         return ""
     columns = [(r, e) for r in reports for e in engines_of(r)]
     methods = list(dict.fromkeys(m for r in reports for m in r["methods"]))
-    head = ["method"] + [f"{cell_label(r)} {e}" for r, e in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in methods:
-        cells_text = []
-        for report, engine in columns:
-            row = report["methods"].get(name)
-            if row is None:
-                cells_text.append("-")
-            elif name == report["setting"]["reference"]:
-                cells_text.append(f"{row['images_per_s_by_engine'][engine]:.1f} img/s, {row['peak_mem_mb']:.0f} MB")
-            else:
-                cells_text.append(f"{row['gflops_ratio']:.2f} / {row['speedup_by_engine'][engine]:.2f} / "
-                                  f"{row['speedup_per_gflops_by_engine'][engine]:.2f}, {row['peak_mem_mb']:.0f} MB")
-        lines.append("| " + " | ".join([name, *cells_text]) + " |")
-    return "\n".join(lines)
-
-
-def training_table(cells: dict[str, dict]) -> str:
-    reports = [r for r in cells.values() if r["setting"]["mode"] == "train"]
-    if not reports:
-        return ""
-    methods = list(dict.fromkeys(m for r in reports for m in r["methods"]))
-    head = ["method"] + [cell_label(r) for r in reports]
+    head = ["method"] + [cell_label(r) + ("" if mode == "train" else f" {e}") for r, e in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in methods:
         texts = []
-        for report in reports:
+        for report, engine in columns:
             row = report["methods"].get(name)
             if row is None:
                 texts.append("-")
                 continue
             split = row.get("step_split_ms")
-            share = f", loss {split['loss'] / sum(split.values()):.2f}" if split else ""
+            extra = f"{row['peak_mem_mb']:.0f} MB" + (f", loss {split['loss'] / sum(split.values()):.2f}" if split
+                                                      else "")
             if name == report["setting"]["reference"]:
-                texts.append(f"{row['images_per_s']:.2f} img/s, {row['peak_mem_mb']:.0f} MB{share}")
+                texts.append(f"{row['images_per_s_by_engine'][engine]:.2f} img/s, {extra}")
             else:
-                texts.append(f"{row['gflops_ratio']:.2f} / {row['throughput_ratio']:.2f} / "
-                             f"{row['throughput_per_gflops_ratio']:.2f}, {row['peak_mem_mb']:.0f} MB{share}")
+                texts.append(f"{row['gflops_ratio']:.2f} / {row['speedup_by_engine'][engine]:.2f} / "
+                             f"{row['speedup_per_gflops_by_engine'][engine]:.2f}, {extra}")
         lines.append("| " + " | ".join([name, *texts]) + " |")
     return "\n".join(lines)
 
@@ -173,11 +154,11 @@ def summary(root: Path) -> str:
     if not cells:
         raise SystemExit(f"error: no benchmark.json under {root}; give the folder scripts/gpu_check.sh wrote.")
     parts = [environment(cells)]
-    if table := inference_table(cells):
+    if inference := table(cells, "inference"):
         parts.append("Inference (reference: img/s and peak MB; others: GFLOPs ratio / speedup / speedup per GFLOPs "
-                     "ratio, peak MB):\n\n" + table)
-    if table := training_table(cells):
-        parts.append("Training steps (the same, with the loss's share of a step):\n\n" + table)
+                     "ratio, peak MB):\n\n" + inference)
+    if training := table(cells, "train"):
+        parts.append("Training steps (the same, with the loss's share of a step):\n\n" + training)
     parts.append("Targets:\n\n" + "\n".join(check_targets(cells)))
     return "\n\n".join(parts) + "\n"
 
