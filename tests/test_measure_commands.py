@@ -314,3 +314,19 @@ def test_gpu_table_checks_each_speed_target_per_cell_and_engine(tmp_path):
     assert "- met: ViT-L 1024 b8 packed dcts_budget per GFLOP 0.80 vs dcts 0.90" not in targets
     assert "- MISSED: ViT-L 1024 b8 packed dcts_budget per GFLOP 0.80 vs dcts 0.90" in targets
     assert "- MISSED: train ViT-L 1024 b2 dcts training speedup 3.00 = 0.75 of its training-GFLOPs ratio" in targets
+
+
+def test_loss_benchmark_runs_both_formulations(tmp_path):
+    """scripts/bench_loss.py (tiny): both losses timed side by side, their ratio and peak memories printed."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_loss.py"), "--size", "64", "--rounds", "1",
+                             "--classes", "6"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("2 labels at 64x64") and "3 outputs" in lines[0]
+    assert re.match(r"new +[\d.]+ s \([\d.]+-[\d.]+\), peak -?\d+ MB", lines[1])
+    assert re.match(r"autograd +[\d.]+ s", lines[2]) and re.match(r"autograd / new: [\d.]+x", lines[3])
