@@ -217,3 +217,17 @@ def test_mask_losses_and_gradients_equal_the_autograd_formulation(alpha, gamma, 
     expected = [autograd_mask_losses(o["mask_logits"].detach().double(), labels, pairs, alpha, gamma) for o in outputs]
     torch.testing.assert_close(got["loss_focal"].double(), sum(f for f, _ in expected) / len(pairs), rtol=1e-5, atol=0)
     torch.testing.assert_close(got["loss_dice"].double(), sum(d for _, d in expected) / len(pairs), rtol=1e-5, atol=0)
+
+
+def test_mask_loss_gradients_stay_fp32_when_backward_runs_under_autocast():
+    """A backward called inside an autocast block (some training loops do) computes the same fp32 gradients."""
+    torch.manual_seed(8)
+    labels = torch.randint(0, K, (2, 48, 48))
+    logits = torch.randn(2, K, 3, 3, requires_grad=True)
+    loss = ATMLoss(K)
+    (plain,) = torch.autograd.grad(loss([out(torch.randn(2, K, K + 1), logits)], labels)["loss_focal"], logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss([out(torch.randn(2, K, K + 1), logits)], labels)["loss_focal"]
+        (mixed,) = torch.autograd.grad(value, logits)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)

@@ -80,6 +80,12 @@ class UpsampledMaskTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_focal, grad_intersection, grad_prob_sum):
+        # fp32 like the forward, also when backward() is called inside an autocast block
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return UpsampledMaskTerms._backward(ctx, grad_focal, grad_intersection, grad_prob_sum)
+
+    @staticmethod
+    def _backward(ctx, grad_focal, grad_intersection, grad_prob_sum):
         logits, target, valid, rows, cols = ctx.saved_tensors
         gamma = ctx.gamma
         weight = _focal_weight(target, valid, ctx.alpha)
