@@ -231,3 +231,15 @@ def test_mask_loss_gradients_stay_fp32_when_backward_runs_under_autocast():
         (mixed,) = torch.autograd.grad(value, logits)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, plain)
+
+
+@pytest.mark.parametrize(("grid", "size"), [((5, 7), (37, 53)), ((64, 64), (1024, 1024)), ((33, 17), (512, 300)),
+                                            ((8, 8), (8, 8))])
+def test_the_upsampling_matrices_are_bilinear_interpolation(grid, size):
+    from step_lightning.models.loss import bilinear_matrix
+
+    torch.manual_seed(9)
+    x = torch.randn(3, *grid)
+    expected = F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    got = bilinear_matrix(size[0], grid[0], x.device) @ x @ bilinear_matrix(size[1], grid[1], x.device).T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

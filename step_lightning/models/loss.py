@@ -34,17 +34,18 @@ def global_mean_count(count: torch.Tensor) -> torch.Tensor:
 
 
 def bilinear_matrix(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
-    """[out_size, in_size] fp32: ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis."""
-    src = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5)
+    """[out_size, in_size] fp32: ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis, its
+    source positions and weights computed in fp32 as its kernels do."""
+    src = ((torch.arange(out_size, dtype=torch.float32, device=device) + 0.5) * (in_size / out_size) - 0.5)
     src = src.clamp(min=0)
     low = src.floor().long()
     high = (low + 1).clamp(max=in_size - 1)
     frac = src - low
     rows = torch.arange(out_size, device=device)
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
+    matrix = torch.zeros(out_size, in_size, device=device)
     matrix.index_put_((rows, low), 1 - frac, accumulate=True)
     matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix.float()
+    return matrix
 
 
 def _upsample(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
