@@ -1,8 +1,8 @@
 """The ATM mask losses' cost (benchmark, not a test): ``ATMLoss`` (``UpsampledMaskTerms``: matrix upsampling,
-closed-form gradient, nothing full-resolution saved) against the autograd formulation the tests hold as the
-oracle (F.interpolate + torchvision's sigmoid_focal_loss + dice), forward + backward on the same labels and
-logits, rounds alternating; median seconds with the spread, their ratio, and each one's peak memory (CUDA: peak
-allocated; CPU: peak RSS in a fresh process each).
+closed-form gradient, nothing full-resolution saved) against their autograd formulation (``autograd_mask_losses``
+below: F.interpolate + torchvision's sigmoid_focal_loss + dice; tests/test_models_loss.py holds the loss equal to
+it), forward + backward on the same labels and logits, rounds alternating; median seconds with the spread, their
+ratio, and each one's peak memory (CUDA: peak allocated; CPU: peak RSS in a fresh process each).
 
     python scripts/bench_loss.py --labels ../shared/realdata/cityscapes/gtFine/train/*/*_labelTrainIds.png
     python scripts/bench_loss.py --device cuda --size 1024 --batch 2 --outputs 3      # synthetic scenes
@@ -21,14 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the oracle lives with the tests
+from step_lightning.data.io import read_label
+from step_lightning.data.synthetic import make_scene
+from step_lightning.models.loss import ATMLoss, global_mean_count, present_classes
 
-from step_lightning.data.io import read_label  # noqa: E402
-from step_lightning.data.synthetic import make_scene  # noqa: E402
-from step_lightning.models.loss import ATMLoss, global_mean_count, present_classes  # noqa: E402
-from tests.test_models_loss import autograd_mask_losses  # noqa: E402
+
+def autograd_mask_losses(mask_logits, labels, pairs, alpha, gamma, ignore=255):
+    """The mask losses written with autograd: F.interpolate to the labels, torchvision's focal loss, dice."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    img, cls = pairs.unbind(1)
+    pred = F.interpolate(mask_logits[img, cls][:, None], size=labels.shape[-2:], mode="bilinear",
+                         align_corners=False)[:, 0]
+    valid = (labels[img] != ignore).float()
+    target = (labels[img] == cls[:, None, None]).float()
+    focal = sigmoid_focal_loss(pred, target, alpha=alpha, gamma=gamma, reduction="none")
+    focal = ((focal * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).sum()
+    prob = pred.sigmoid() * valid
+    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    return focal, dice.sum()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

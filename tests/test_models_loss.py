@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,20 +177,20 @@ def test_mask_logits_upsampled_to_label_resolution(scale):
     torch.testing.assert_close(big["loss_dice"], dice / len(present))
 
 
-def autograd_mask_losses(mask_logits, labels, pairs, alpha, gamma, ignore=255):
-    """The mask losses written with autograd: F.interpolate to the labels, torchvision's focal loss, dice."""
-    from torchvision.ops import sigmoid_focal_loss
+@functools.cache
+def bench_loss():
+    """scripts/bench_loss.py, which keeps the autograd formulation of the mask losses (the oracle here) to time
+    the loss against it."""
+    from tests.helpers import REPO
 
-    img, cls = pairs.unbind(1)
-    pred = F.interpolate(mask_logits[img, cls][:, None], size=labels.shape[-2:], mode="bilinear",
-                         align_corners=False)[:, 0]
-    valid = (labels[img] != ignore).float()
-    target = (labels[img] == cls[:, None, None]).float()
-    focal = sigmoid_focal_loss(pred, target, alpha=alpha, gamma=gamma, reduction="none")
-    focal = ((focal * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).sum()
-    prob = pred.sigmoid() * valid
-    dice = 1 - (2 * (prob * target).flatten(1).sum(1) + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
-    return focal, dice.sum()
+    spec = importlib.util.spec_from_file_location("bench_loss", REPO / "scripts" / "bench_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def autograd_mask_losses(*args, **kwargs):
+    return bench_loss().autograd_mask_losses(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("alpha", "gamma", "grid", "size"), [
