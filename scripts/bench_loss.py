@@ -95,8 +95,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_mb(args, name: str) -> float:
-    """Peak memory of one step of ``name``: CUDA peak allocated, or (CPU) the peak RSS growth in a fresh process."""
+def peak_mb(args, argv: list[str], name: str) -> float:
+    """Peak memory of one step of ``name``: CUDA peak allocated, or (CPU) the peak RSS growth in a fresh process
+    run with the same ``argv``."""
     if args.device.startswith("cuda"):
         labels, logits = inputs(args)
         torch.cuda.synchronize()
@@ -105,8 +106,8 @@ def peak_mb(args, name: str) -> float:
         steps(args, labels, logits)[name]()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    argv = [sys.executable, __file__, *sys.argv[1:], "--only", name]
-    return float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
+    command = [sys.executable, __file__, *argv, "--only", name]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
 def rss_peak_kb() -> int:
@@ -114,7 +115,8 @@ def rss_peak_kb() -> int:
     return int(status.split("VmHWM:")[1].split()[0])
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     labels, logits = inputs(args)
     if args.only:  # CPU peak probe: reset the high-water mark, run once, print the growth
@@ -124,11 +126,12 @@ def main(argv=None) -> None:
         print((rss_peak_kb() - start) / 1024)
         return
     pairs = int(present_classes(labels, args.classes).sum())
-    seconds: dict[str, list[float]] = {"new": [], "autograd": []}
-    for step in steps(args, labels, logits).values():  # warm-up
+    timed = steps(args, labels, logits)
+    seconds: dict[str, list[float]] = {name: [] for name in timed}
+    for step in timed.values():  # warm-up
         step()
     for _ in range(args.rounds):
-        for name, step in steps(args, labels, logits).items():
+        for name, step in timed.items():
             synchronize(args.device)
             start = time.perf_counter()
             step()
@@ -138,7 +141,7 @@ def main(argv=None) -> None:
           f"{args.device}; forward + backward, median of {args.rounds} alternating rounds")
     for name, times in seconds.items():
         print(f"{name:9s} {statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f}), "
-              f"peak {peak_mb(args, name):.0f} MB")
+              f"peak {peak_mb(args, argv, name):.0f} MB")
     ratios = [old / new for old, new in zip(seconds["autograd"], seconds["new"], strict=True)]
     print(f"autograd / new: {statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})")
 

@@ -23,6 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+from step_lightning.measure.presets import parse_method
+
 RATIO_TARGET = 0.85
 TRAIN_RATIO_TARGET = 0.8
 FEWER_GFLOPS = 1.15  # STEP must beat dCTS where dCTS costs at least this many times STEP's GFLOPs
@@ -32,7 +34,7 @@ STEP_PRESETS = ("step", "step_single")
 
 def load_cells(root: Path) -> dict[str, dict]:
     """Cell name -> benchmark report, for ``<cell>/benchmark.json`` and ``<cell>.json`` files under ``root``."""
-    paths = sorted(root.glob("*/benchmark.json")) + sorted(p for p in root.glob("*.json"))
+    paths = sorted(root.glob("*/benchmark.json")) + sorted(root.glob("*.json"))
     cells = {}
     for path in paths:
         report = json.loads(path.read_text())
@@ -43,13 +45,7 @@ def load_cells(root: Path) -> dict[str, dict]:
 
 def presets(report: dict) -> dict[str, str]:
     """Method entry name -> its preset (``segvit``, ``dcts``, ``step``, ...)."""
-    found = {}
-    for entry in report["config"]["methods"]:
-        if isinstance(entry, str):
-            found[entry] = entry.partition("@")[0]
-        else:
-            found[entry.get("name", entry["method"])] = entry["method"]
-    return found
+    return {spec["name"]: spec["method"] for spec in map(parse_method, report["config"]["methods"])}
 
 
 def cell_label(report: dict) -> str:

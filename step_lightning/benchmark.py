@@ -119,8 +119,8 @@ def benchmark(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         x = x.to(dtype)
         batches = [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
         if training:
-            seconds, timed_steps = time_training(cfg, models, options, results, batches, device, datamodule,
-                                                 progress)
+            seconds, timed_steps = time_training(cfg, models, options, results, batches, device, dtype,
+                                                 datamodule, progress)
         else:
             seconds, timed_steps = time_inference(cfg, models, options, results, batches, device, dtype, engines,
                                                   progress)
@@ -207,13 +207,12 @@ def time_inference(cfg, models, options, results, batches, device, dtype, engine
         return time_passes(forwards, batches, cfg, device, done=progress.step), forwards
 
 
-def time_training(cfg, models, options, results, batches, device, datamodule, progress: Progress):
+def time_training(cfg, models, options, results, batches, device, dtype, datamodule, progress: Progress):
     """Peak memory, the ms of a step's parts (``training_split``) and the seconds of every timed pass of training
     steps (forward, ATM loss, backward; weights in fp32 under autocast for bf16/fp16) per method, methods
     alternating round by round; and the timed steps. ``force_halt`` applies in training too: the benchmark's
     models take its rule."""
     criterion = ATMLoss(datamodule.num_classes, datamodule.ignore_index)
-    dtype = DTYPES[cfg.precision]
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -205,7 +205,6 @@ def test_training_benchmark_times_the_step_parts_and_profiles_after_writing_its_
     """mode=train: the parts of a step (forward, loss, backward) per method; the profile comes after the tables
     are on disk (a profile cut short loses nothing)."""
     from step_lightning import benchmark as command
-    from step_lightning.measure import timing
 
     def interrupted(*args):
         assert "| step1 |" in (tmp_path / "benchmark.md").read_text()
@@ -220,7 +219,6 @@ def test_training_benchmark_times_the_step_parts_and_profiles_after_writing_its_
         assert profile["wall_ms"] >= profile["host_ms"] > 0 and profile["syncs"] == 0 and "kernels" not in profile
     table = (tmp_path / "benchmark.md").read_text()
     assert "| step1 |" in table.split("Training step parts")[1] and "Under torch.profiler" in table
-    monkeypatch.setattr(timing, "profile_pass", interrupted)
     monkeypatch.setattr(command, "profile_pass", interrupted)
     (tmp_path / "benchmark.md").unlink()
     with pytest.raises(KeyboardInterrupt):
