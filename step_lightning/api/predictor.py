@@ -32,6 +32,7 @@ from step_lightning.data.transforms import protocol_scale, rescale_size
 from step_lightning.lit.checkpoint import load_module
 from step_lightning.lit.module import SegmentationModule
 from step_lightning.measure.render import token_maps
+from step_lightning.measure.timing import DTYPES, resolve_device
 from step_lightning.models.engine import InferenceOptions
 from step_lightning.models.inference import infer
 from step_lightning.models.model_folder import FILES
@@ -65,31 +66,15 @@ class Prediction:
         return Prediction(**{k: None if v is None else v.to(device) for k, v in values.items()})
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` (or None): the first CUDA device when there is one, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device={device} is not a device; use auto, cpu, cuda or cuda:<index>.") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: no CUDA device is available here; use device=cpu or device=auto.")
-    return resolved
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of ``precision`` on ``device`` (``auto``: bf16 or fp16 on a GPU, fp32 elsewhere)."""
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision} must be auto, {', '.join(PRECISIONS)}.")
-    return PRECISIONS[precision]
+    if precision not in DTYPES:
+        raise ConfigError(f"precision={precision} must be auto, {', '.join(DTYPES)}.")
+    return DTYPES[precision]
 
 
 def dataset_metadata(module: SegmentationModule) -> dict:

@@ -61,10 +61,17 @@ def sdpa_context(kind: str):
     return sdpa_kernel(backends[kind])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): the first CUDA device when there is one, else the CPU."""
+    if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device} is not a device; use auto, cpu, cuda or cuda:<index>.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: no CUDA device is available here; use device=cpu or device=auto.")
+    return resolved
 
 
 # CUDA runtime calls on which the host waits for the GPU (a host read is a copy followed by one of these).
