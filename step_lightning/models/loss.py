@@ -81,29 +81,31 @@ class UpsampledMaskTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_focal, grad_intersection, grad_prob_sum):
-        # fp32 like the forward, also when backward() is called inside an autocast block
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return UpsampledMaskTerms._backward(ctx, grad_focal, grad_intersection, grad_prob_sum)
-
-    @staticmethod
-    def _backward(ctx, grad_focal, grad_intersection, grad_prob_sum):
         logits, target, valid, rows, cols = ctx.saved_tensors
-        gamma = ctx.gamma
-        weight = _focal_weight(target, valid, ctx.alpha)
-        grads = []
-        for o, pair_logits in enumerate(logits):
-            x = _upsample(pair_logits, rows, cols)
-            z = torch.where(target, -x, x)
-            del x
-            sig_z = torch.sigmoid(z)
-            # d/dz [softplus(z) sigmoid(z)^gamma] = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) (1 - sigmoid(z)))
-            focal_dz = F.softplus(z).mul_(gamma).mul_(1 - sig_z).add_(sig_z).mul_(sig_z.pow(gamma)).mul_(weight)
-            focal_dz.mul_(grad_focal[o][:, None, None])
-            # p = sigmoid(x) on valid pixels: dp/dx = p (1 - p) = sigmoid(z) (1 - sigmoid(z))
-            per_pixel = grad_prob_sum[o][:, None, None] + grad_intersection[o][:, None, None] * target
-            dice_dx = (1 - sig_z).mul_(sig_z).mul_(per_pixel).mul_(valid)
-            grads.append(rows.T @ torch.where(target, -focal_dz, focal_dz).add_(dice_dx) @ cols)
-        return torch.stack(grads), None, None, None, None
+        # fp32 like the forward, also when backward() is called inside an autocast block
+        with torch.autocast(logits.device.type, enabled=False):
+            grads = _mask_term_grads(logits, target, valid, rows, cols, ctx.alpha, ctx.gamma, grad_focal,
+                                     grad_intersection, grad_prob_sum)
+        return grads, None, None, None, None
+
+
+def _mask_term_grads(logits, target, valid, rows, cols, alpha, gamma, grad_focal, grad_intersection, grad_prob_sum):
+    """``UpsampledMaskTerms``' gradient for ``logits`` [O, P, h, w], the upsampled logits recomputed per output."""
+    weight = _focal_weight(target, valid, alpha)
+    grads = []
+    for o, pair_logits in enumerate(logits):
+        x = _upsample(pair_logits, rows, cols)
+        z = torch.where(target, -x, x)
+        del x
+        sig_z = torch.sigmoid(z)
+        # d/dz [softplus(z) sigmoid(z)^gamma] = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) (1 - sigmoid(z)))
+        focal_dz = F.softplus(z).mul_(gamma).mul_(1 - sig_z).add_(sig_z).mul_(sig_z.pow(gamma)).mul_(weight)
+        focal_dz.mul_(grad_focal[o][:, None, None])
+        # p = sigmoid(x) on valid pixels: dp/dx = p (1 - p) = sigmoid(z) (1 - sigmoid(z))
+        per_pixel = grad_prob_sum[o][:, None, None] + grad_intersection[o][:, None, None] * target
+        dice_dx = (1 - sig_z).mul_(sig_z).mul_(per_pixel).mul_(valid)
+        grads.append(rows.T @ torch.where(target, -focal_dz, focal_dz).add_(dice_dx) @ cols)
+    return torch.stack(grads)
 
 
 def _focal_weight(target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
